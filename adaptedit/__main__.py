@@ -1,0 +1,3 @@
+from adaptedit.cli import main
+
+main()

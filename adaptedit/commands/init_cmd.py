@@ -1,0 +1,84 @@
+"""`adaptedit init`: build an adapter from the checkpoint's own decomposition."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from adaptedit import console
+from adaptedit.adapter import save_adapter
+from adaptedit.commands.common import DEVICE, FORCE, JSON, QUIET, TARGETS, TRUST, human_count
+from adaptedit.errors import AdapteditError
+from adaptedit.init import InitOptions, build, parameter_counts
+from adaptedit.methods import METHODS
+from adaptedit.models import resolve
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+
+
+def init(
+    model: str = typer.Argument(None, help="Hub id, local folder, .gguf file or smollm2-135m (default)."),
+    method: str = typer.Option("lora", "--method", "-m", help=f"One of: {', '.join(METHODS)}."),
+    dora: bool = typer.Option(False, "--dora", help="Add DoRA's magnitude vector on top of the method."),
+    rank: int = typer.Option(16, "--rank", "-r", help="Rank r of the update."),
+    alpha: float = typer.Option(None, "--alpha", help="α (scaling s = α/r); default from the method's paper."),
+    rslora: bool = typer.Option(False, "--rslora", help="Scale by α/√r instead of α/r."),
+    targets: str = TARGETS,
+    rank_pattern: str = typer.Option(None, "--rank-pattern", help="Per-module ranks, e.g. 'mlp=32,o_proj=8'."),
+    svd: str = typer.Option("auto", "--svd", help="full | randomized | auto (randomized for PiSSA on large matrices)."),
+    niter: int = typer.Option(4, "--niter", help="Power iterations of the randomized SVD."),
+    oversample: int = typer.Option(8, "--oversample", help="Extra sketch columns of the randomized SVD."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random init and randomized SVD."),
+    delora_lambda: float = typer.Option(15.0, "--delora-lambda", help="DeLoRA's initial strength λ."),
+    device: str = DEVICE,
+    out: Path = typer.Option(..., "--out", "-o", help="Adapter folder to write."),
+    force: bool = FORCE,
+    json_: bool = JSON,
+    quiet: bool = QUIET,
+    trust_remote_code: bool = TRUST,
+):
+    """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA; +DoRA) and write it to OUT."""
+    console.configure(quiet=quiet, json_mode=json_)
+    if out.exists() and not force:
+        raise AdapteditError(f"{out}: already exists; pass --force to replace it")
+    opts = InitOptions(method=method, rank=rank, alpha=alpha, dora=dora, rslora=rslora,
+                       targets=targets, rank_pattern=rank_pattern, svd=svd, niter=niter,
+                       oversample=oversample, seed=seed, device=device, delora_lambda=delora_lambda)
+    source = resolve(model, trust_remote_code=trust_remote_code, quiet=console.quiet())
+    start = time.perf_counter()
+    with console.progress() as bar:
+        adapter = build(source, opts, progress=bar)
+    seconds = time.perf_counter() - start
+    n_adapter, n_base = parameter_counts(source, adapter)
+    cfg = adapter.config
+    scalings = sorted({m.scaling for m in cfg.modules.values()})
+    header = {
+        "model": source.ref, "method": cfg.method + ("+dora" if cfg.dora else ""),
+        "rank": cfg.rank, "alpha": cfg.alpha, "scaling": scalings[0] if len(scalings) == 1 else scalings,
+        "rslora": cfg.rslora, "modules": len(cfg.modules), "trainable_parameters": n_adapter,
+        "trainable_percent": 100.0 * n_adapter / max(n_base, 1), "svd": cfg.init.get("svd"),
+        "seconds": round(seconds, 3), "out": str(out),
+    }
+    if "captured_energy_min" in cfg.init:
+        header["captured_energy_min"] = cfg.init["captured_energy_min"]
+    save_adapter(adapter, out, force=force)
+    if json_:
+        console.emit_json(header)
+        return
+    table = Table(show_header=False, title="adaptedit init")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in header.items():
+        if k == "trainable_parameters":
+            v = f"{human_count(v)} ({header['trainable_percent']:.3f}% of {human_count(n_base)})"
+        elif k == "trainable_percent":
+            continue
+        elif k == "captured_energy_min":
+            v = f"{v:.6f} (randomized vs exact top-r spectral energy, worst of a sample)"
+        table.add_row(k, str(v))
+    console.show(table)

@@ -1,0 +1,161 @@
+"""Build an adapter for a checkpoint from the checkpoint's own weights (``adaptedit init``).
+
+Weights are read one tensor at a time from the safetensors files; modules of equal shape and rank
+are decomposed together in batches (one batched SVD/QR call instead of hundreds of small ones).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from adaptedit import methods
+from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
+from adaptedit.errors import AdapteditError
+from adaptedit.linalg import fingerprint
+from adaptedit.methods import dora
+from adaptedit.models import ModelSource
+from adaptedit.targets import Target, adaptable, parse_pattern, pattern_value, select, to_w
+
+BATCH_BYTES = 256 << 20  # float32 weights decomposed together at most
+ENERGY_SAMPLE = 8  # modules whose randomized SVD is checked against an exact one
+
+
+@dataclass
+class InitOptions:
+    method: str = "lora"
+    rank: int = 16
+    alpha: float | None = None
+    dora: bool = False
+    rslora: bool = False
+    targets: str = "all-linear"
+    rank_pattern: str | None = None
+    svd: str = "auto"  # auto | full | full64 | randomized
+    niter: int = 4
+    oversample: int = 8
+    seed: int = 0
+    device: str = "auto"
+    delora_lambda: float = 15.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AdapteditError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise AdapteditError(f"--device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str, int]]:
+    """The targets and their ranks; validates ranks against shapes (names the module)."""
+    method = methods.get(opts.method)  # noqa: F841  (validates the name first)
+    targets = select(adaptable(source.meta_model(), source.checkpoint.keys()), opts.targets)
+    pattern = parse_pattern(opts.rank_pattern)
+    ranks = {}
+    for t in targets:
+        r = pattern_value(t.name, pattern, opts.rank)
+        if r != int(r) or r <= 0:
+            raise AdapteditError(f"rank {r:g} for {t.name}: the rank must be a positive integer")
+        r = int(r)
+        if r > min(t.out_features, t.in_features):
+            raise AdapteditError(f"rank {r} for {t.name} exceeds min(out, in) = "
+                                 f"{min(t.out_features, t.in_features)} of its {t.out_features}×"
+                                 f"{t.in_features} weight; lower --rank or use --rank-pattern")
+        ranks[t.name] = r
+    return targets, ranks
+
+
+def scaling_for(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
+    """Compute θ₀ for every target and return the (untrained) adapter."""
+    method = methods.get(opts.method)
+    if opts.svd not in ("auto", "full", "full64", "randomized"):
+        raise AdapteditError(f"--svd {opts.svd!r}: use full, randomized (or auto)")
+    if opts.niter < 0 or opts.oversample < 0:
+        raise AdapteditError("--niter and --oversample must be ≥ 0")
+    device = resolve_device(opts.device)
+    targets, ranks = plan(source, opts)
+    alpha = float(opts.alpha) if opts.alpha is not None else method.default_alpha(opts.rank)
+    ckpt = source.checkpoint
+    gen = torch.Generator().manual_seed(opts.seed)
+    svd_kind = _svd_kind(opts, targets)
+
+    groups = defaultdict(list)  # modules of one shape and rank are decomposed together
+    for t in targets:
+        groups[(t.shape, ranks[t.name])].append(t)
+
+    tensors, infos, energies = {}, {}, []
+    task = progress.add_task("Decomposing" if svd_kind != "none" else "Initialising",
+                             total=len(targets)) if progress else None
+    for (shape, rank), members in groups.items():
+        per_batch = max(1, BATCH_BYTES // (4 * shape[0] * shape[1]))
+        for i in range(0, len(members), per_batch):
+            chunk = members[i:i + per_batch]
+            raw = [ckpt.get(t.key) for t in chunk]
+            ws = []
+            for t, w in zip(chunk, raw):
+                w = to_w(w, t.kind).float()
+                if not torch.isfinite(w).all():
+                    raise AdapteditError(f"{source.ref}: weight {t.key} contains NaN or Inf; "
+                                         "the checkpoint is damaged")
+                ws.append(w)
+            w = torch.stack(ws).to(device)
+            scaling = scaling_for(alpha, rank, opts.rslora)
+            init_opts = {"generator": gen, "svd": svd_kind, "niter": opts.niter,
+                         "oversample": opts.oversample, "delora_lambda": opts.delora_lambda}
+            out = method.init(w, rank, scaling, init_opts)
+            s_found = out.pop("_s", None)
+            if opts.dora:
+                out.update(dora.init(w))
+            if svd_kind == "randomized" and opts.method == "pissa" and len(energies) < ENERGY_SAMPLE:
+                exact = torch.linalg.svdvals(w[0])[:rank]
+                energies.append(float((s_found[0] ** 2).sum() / (exact.double() ** 2).sum()))
+            for j, t in enumerate(chunk):
+                tensors[t.name] = {k: v[j].detach().cpu().contiguous() for k, v in out.items()}
+                infos[t.name] = ModuleInfo(kind=t.kind, shape=[t.out_features, t.in_features],
+                                           rank=rank, alpha=alpha, scaling=scaling, key=t.key,
+                                           fingerprint=fingerprint(raw[j]), has_bias=t.has_bias)
+            if progress:
+                progress.advance(task, len(chunk))
+    # keep the model's module order, not the grouping order
+    order = [t.name for t in targets]
+    config = AdapterConfig(
+        method=opts.method, rank=opts.rank, alpha=alpha, dora=opts.dora, rslora=opts.rslora,
+        base={"ref": source.ref, "path": str(source.path), "kind": source.kind},
+        modules={n: infos[n] for n in order}, targets=opts.targets,
+        rank_pattern=parse_pattern(opts.rank_pattern),
+        init={"svd": svd_kind, "niter": opts.niter, "oversample": opts.oversample,
+              "seed": opts.seed, "device": str(device),
+              **({"delora_lambda": opts.delora_lambda} if opts.method == "delora" else {}),
+              **({"captured_energy_sample": energies,
+                  "captured_energy_min": min(energies)} if energies else {})},
+    )
+    return Adapter(config, {n: tensors[n] for n in order})
+
+
+def _svd_kind(opts: InitOptions, targets: list[Target]) -> str:
+    if opts.method not in ("pissa", "milora"):
+        return "none"
+    if opts.method == "milora":
+        return "full64" if opts.svd == "full64" else "full"  # bottom triplets need the exact SVD
+    if opts.svd == "auto":
+        return "randomized" if max(min(t.shape) for t in targets) >= 512 else "full"
+    return opts.svd
+
+
+def parameter_counts(source: ModelSource, adapter: Adapter) -> tuple[int, int]:
+    """(trainable adapter parameters, parameters of the base model)."""
+    trainable = set(adapter.trainable_names())
+    n_adapter = sum(v.numel() for ts in adapter.tensors.values() for k, v in ts.items()
+                    if k in trainable)
+    ckpt = source.checkpoint
+    n_base = sum(math.prod(ckpt.shape(k)) for k in ckpt.keys())
+    return n_adapter, n_base

@@ -1,0 +1,63 @@
+"""Small, exact linear-algebra helpers shared by init, inspect and extract."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def randomized_svd(w: torch.Tensor, rank: int, *, niter: int = 4, oversample: int = 8,
+                   generator: torch.Generator | None = None):
+    """Top-``rank`` SVD of a batch of matrices (…, m, n) by Halko et al. (2011), Alg. 4.4.
+
+    A Gaussian sketch of ``rank + oversample`` columns, ``niter`` power iterations with QR
+    re-orthonormalisation, then an exact SVD of the small projected matrix. Seeded through
+    ``generator``; the work runs on ``w``'s device and dtype. Returns U (…, m, r), S (…, r), Vh (…, r, n).
+    """
+    m, n = w.shape[-2:]
+    k = min(rank + oversample, m, n)
+    omega = torch.randn(*w.shape[:-2], n, k, generator=generator, dtype=w.dtype, device="cpu")
+    omega = omega.to(w.device)
+    q = torch.linalg.qr(w @ omega).Q  # (…, m, k)
+    wt = w.transpose(-1, -2)
+    for _ in range(niter):
+        q = torch.linalg.qr(wt @ q).Q  # (…, n, k)
+        q = torch.linalg.qr(w @ q).Q  # (…, m, k)
+    u_small, s, vh = torch.linalg.svd(q.transpose(-1, -2) @ w, full_matrices=False)
+    u = q @ u_small
+    return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+
+
+def lowrank_svd(p: torch.Tensor, q: torch.Tensor):
+    """Thin SVD of ΔW = P @ Q (P: m×k, Q: k×n) without forming ΔW: O((m+n)k²).
+
+    ΔW = Qp Rp Rqᵀ Qqᵀ with P = Qp Rp and Qᵀ = Qq Rq; the SVD of the k×k core Rp Rqᵀ = Uc S Vcᵀ gives
+    U = Qp Uc and Vᵀ = Vcᵀ Qqᵀ. Returns U (m×k), S (k), Vh (k×n), singular values descending.
+    """
+    qp, rp = torch.linalg.qr(p)
+    qq, rq = torch.linalg.qr(q.transpose(-1, -2))
+    uc, s, vch = torch.linalg.svd(rp @ rq.transpose(-1, -2), full_matrices=False)
+    return qp @ uc, s, vch @ qq.transpose(-1, -2)
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """A cheap identity of a weight tensor: shape, dtype and a hash of ~1 MB of its bytes.
+
+    The sample covers the first and last 64 KiB and 224 evenly spaced 4 KiB blocks, so two different
+    checkpoints of the same architecture (even a fine-tune with small updates) differ here while
+    hashing a 70B model's targets stays fast.
+    """
+    flat = t.detach().contiguous().view(-1).view(torch.uint8)
+    n = flat.numel()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(t.shape)}|{str(t.dtype).removeprefix('torch.')}".encode())
+    if n <= 1 << 20:
+        h.update(flat.numpy().tobytes())
+    else:
+        h.update(flat[: 1 << 16].numpy().tobytes())
+        h.update(flat[-(1 << 16):].numpy().tobytes())
+        step = n // 224
+        for i in range(224):
+            h.update(flat[i * step: i * step + 4096].numpy().tobytes())
+    return h.hexdigest()

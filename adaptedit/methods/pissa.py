@@ -1,0 +1,60 @@
+"""PiSSA and MiLoRA: start from W's own singular triplets.
+
+    W = U Σ Vᵀ;  B₀ = U_r √(Σ_r / s),  A₀ = √(Σ_r / s) V_rᵀ       (so s·B₀A₀ = U_r Σ_r V_rᵀ)
+    W' = W + s · (B A − B₀ A₀)                                       θ₀ = (A₀, B₀) stored
+
+This is the paper's residual model W_res = W − s·B₀A₀ without ever writing W_res: the base stays
+untouched and the forward pass subtracts s·B₀(A₀x).
+
+- PiSSA (principal, top r): the principal directions are where to adapt.
+  Meng et al., "PiSSA: Principal Singular Values and Singular Vectors Adaptation of LLMs",
+  NeurIPS 2024, arXiv:2404.02948. Paper defaults: α = r, lr 2e-5, dropout 0.
+- MiLoRA (minor, bottom r): adapt where W carries the least, keep the principal knowledge.
+  Wang et al., "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM
+  Finetuning", NAACL 2025, arXiv:2406.09044. Paper defaults: α = 2r, lr 3e-4.
+
+SVD: ``full`` is an exact float32 (float64 with ``--svd full64``) SVD, batched over matrices of equal
+shape; ``randomized`` is a seeded Halko sketch with oversampling and ``niter`` power iterations (top
+triplets only, so MiLoRA always uses the exact SVD).
+"""
+
+import torch
+
+from adaptedit.linalg import randomized_svd
+
+TRAINABLE = ("lora_A", "lora_B")
+
+
+class SVDMethod:
+    TRAINABLE = TRAINABLE
+
+    def __init__(self, name: str, minor: bool, paper: str, alpha_factor: float):
+        self.name, self.minor, self.PAPER, self._alpha = name, minor, paper, alpha_factor
+
+    def default_alpha(self, rank: int) -> float:
+        return self._alpha * rank
+
+    def init(self, w: torch.Tensor, rank: int, scaling: float, opts: dict) -> dict:
+        kind = opts.get("svd", "full")
+        if kind == "randomized" and not self.minor:
+            u, s, vh = randomized_svd(w, rank, niter=opts.get("niter", 4),
+                                      oversample=opts.get("oversample", 8),
+                                      generator=opts["generator"])
+        else:
+            dt = torch.float64 if kind == "full64" else w.dtype
+            u, s, vh = torch.linalg.svd(w.to(dt), full_matrices=False)
+            sl = slice(-rank, None) if self.minor else slice(0, rank)
+            u, s, vh = u[..., :, sl], s[..., sl], vh[..., sl, :]
+        root = torch.sqrt(s / scaling)  # (b, r)
+        b0 = (u * root.unsqueeze(-2)).float().contiguous()
+        a0 = (root.unsqueeze(-1) * vh).float().contiguous()
+        return {"lora_A": a0.clone(), "lora_B": b0.clone(), "lora_A0": a0, "lora_B0": b0,
+                "_s": s.float()}
+
+    @staticmethod
+    def terms(t: dict, scaling: float, rank: int) -> list:
+        return [(scaling, t["lora_B"], t["lora_A"]), (-scaling, t["lora_B0"], t["lora_A0"])]
+
+
+PISSA = SVDMethod("pissa", False, "Meng et al., PiSSA, NeurIPS 2024 (arXiv:2404.02948)", 1.0)
+MILORA = SVDMethod("milora", True, "Wang et al., MiLoRA, NAACL 2025 (arXiv:2406.09044)", 2.0)

