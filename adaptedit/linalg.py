@@ -55,9 +55,9 @@ def fingerprint(t: torch.Tensor) -> str:
     if n <= 1 << 20:
         h.update(flat.numpy().tobytes())
     else:
+        step = n // 224
+        blocks = flat[: step * 224].view(224, step)[:, :4096]  # one gather, not 224 slices
         h.update(flat[: 1 << 16].numpy().tobytes())
         h.update(flat[-(1 << 16):].numpy().tobytes())
-        step = n // 224
-        for i in range(224):
-            h.update(flat[i * step: i * step + 4096].numpy().tobytes())
+        h.update(blocks.contiguous().numpy().tobytes())
     return h.hexdigest()
