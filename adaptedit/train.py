@@ -620,7 +620,7 @@ def train(run: Run, reporter=None, *, model=None) -> dict:
                     "the adapter folder is unchanged (no checkpoint was written yet)"
                 raise AdapteditError(
                     f"{what} is {value} at step {step + 1} (lr {lr:.3g}); stopped, {kept}. Try a "
-                    "lower --lr, --max-grad-norm 1.0"
+                    "lower --lr" + (", --max-grad-norm 1.0" if not cfg.max_grad_norm else "")
                     + (", or --dtype fp32" if run.dtype != torch.float32 else "")
                     + (" or --warmup 0.1" if not run.warmup_steps else ""))
             scaler.step(opt)
