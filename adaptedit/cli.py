@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn errors into one line + exit code."""
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="adaptedit", standalone_mode=False)
     except AdapteditError as e:
         _fail(e, 2 if isinstance(e, UsageError) else 1)
     except KeyboardInterrupt:
