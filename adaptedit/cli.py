@@ -62,12 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors, and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
+        # Typer ≥ 0.26 vendors its own copy of Click, so match Click's exceptions by shape.
+        if type(e).__name__ == "Abort":
             sys.stderr.write("aborted\n")
             sys.exit(1)
-        if isinstance(e, click.ClickException):
+        if hasattr(e, "exit_code") and hasattr(e, "show"):
             e.show()
             sys.exit(e.exit_code)
         _fail(e, 1, unexpected=True)

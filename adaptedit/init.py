@@ -33,7 +33,7 @@ class InitOptions:
     rslora: bool = False
     targets: str = "all-linear"
     rank_pattern: str | None = None
-    svd: str = "auto"  # auto | full | full64 | randomized
+    svd: str = "auto"  # auto | full | randomized
     niter: int = 4
     oversample: int = 8
     seed: int = 0
@@ -77,7 +77,7 @@ def scaling_for(alpha: float, rank: int, rslora: bool) -> float:
 def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
     """Compute θ₀ for every target and return the (untrained) adapter."""
     method = methods.get(opts.method)
-    if opts.svd not in ("auto", "full", "full64", "randomized"):
+    if opts.svd not in ("auto", "full", "randomized"):
         raise AdapteditError(f"--svd {opts.svd!r}: use full, randomized (or auto)")
     if opts.niter < 0 or opts.oversample < 0:
         raise AdapteditError("--niter and --oversample must be ≥ 0")
@@ -145,7 +145,7 @@ def _svd_kind(opts: InitOptions, targets: list[Target]) -> str:
     if opts.method not in ("pissa", "milora"):
         return "none"
     if opts.method == "milora":
-        return "full64" if opts.svd == "full64" else "full"  # bottom triplets need the exact SVD
+        return "full"  # the bottom triplets need the exact SVD
     if opts.svd == "auto":
         return "randomized" if max(min(t.shape) for t in targets) >= 512 else "full"
     return opts.svd

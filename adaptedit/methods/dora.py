@@ -24,7 +24,7 @@ def init(w: torch.Tensor) -> dict:
 
 def row_norm(w: torch.Tensor) -> torch.Tensor:
     """‖W[n]‖ per output row; all-zero rows get 1 so that m / ‖·‖ is never 0/0 (peft#2049)."""
-    n = torch.linalg.vector_norm(w, dim=-1)
+    n = torch.linalg.vector_norm(w.contiguous(), dim=-1)  # same reduction order for any layout
     return torch.where(n == 0, torch.ones_like(n), n)
 
 

@@ -1,0 +1,249 @@
+"""init: function preservation, the decompositions against independent float64 references and PEFT,
+reproducibility, rank patterns, and bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from adaptedit.adapter import load_adapter, save_adapter
+from adaptedit.init import InitOptions, build
+from adaptedit.layer import adapted_layers, attach
+from adaptedit.methods import delora
+from adaptedit.models import resolve
+from adaptedit.targets import to_w
+
+from helpers import run_cli
+
+METHODS = ["lora", "pissa", "milora", "olora", "delora"]
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 61], [8, 1, 13, 21, 34, 55, 89, 144]])
+
+
+def _init(folder, **kw):
+    return build(resolve(str(folder)), InitOptions(**{"rank": 4, **kw}))
+
+
+def _weight(source, info):
+    return to_w(source.checkpoint.get(info.key), info.kind).double()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bit_identical_at_init(fixture, dtype, request):
+    folder = request.getfixturevalue(fixture)
+    source = resolve(str(folder))
+    model = source.load(dtype=dtype)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    for method in METHODS:
+        for dora in (False, True):
+            adapter = build(source, InitOptions(method=method, rank=4, dora=dora))
+            attach(model, adapter)
+            with torch.no_grad():
+                got = model(IDS).logits
+            assert torch.equal(ref, got), f"{method} dora={dora} changed the outputs at init"
+            from adaptedit.layer import detach
+            detach(model)
+
+
+def test_adapter_changes_outputs_once_trained(tiny_llama):
+    """The bit-identity above is not vacuous: moving θ moves the outputs."""
+    source = resolve(str(tiny_llama))
+    model = source.load(dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    attach(model, build(source, InitOptions(method="pissa", rank=4, dora=True)))
+    for layer in adapted_layers(model).values():
+        layer.params["lora_B"].data.add_(0.05)
+    with torch.no_grad():
+        assert (model(IDS).logits - ref).abs().max() > 1e-3
+
+
+def test_pissa_is_best_rank_r(tiny_llama):
+    source = resolve(str(tiny_llama))
+    adapter = _init(tiny_llama, method="pissa", svd="full")
+    for name, info in adapter.config.modules.items():
+        t = adapter.tensors[name]
+        w = _weight(source, info)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        r = info.rank
+        best = (u[:, :r] * s[:r]) @ vh[:r]
+        got = info.scaling * t["lora_B0"].double() @ t["lora_A0"].double()
+        assert (got - best).norm() / best.norm() <= 1e-5, name
+
+
+def test_milora_is_bottom_r(tiny_llama):
+    source = resolve(str(tiny_llama))
+    adapter = _init(tiny_llama, method="milora")
+    assert adapter.config.alpha == 8.0  # MiLoRA paper: α = 2r
+    for name, info in adapter.config.modules.items():
+        t = adapter.tensors[name]
+        w = _weight(source, info)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        r = info.rank
+        minor = (u[:, -r:] * s[-r:]) @ vh[-r:]
+        got = info.scaling * t["lora_B0"].double() @ t["lora_A0"].double()
+        assert (got - minor).norm() / minor.norm() <= 1e-5, name
+
+
+def test_olora_is_qr_projection(tiny_llama):
+    source = resolve(str(tiny_llama))
+    adapter = _init(tiny_llama, method="olora")
+    for name, info in adapter.config.modules.items():
+        t = adapter.tensors[name]
+        w = _weight(source, info)
+        q, _ = torch.linalg.qr(w)
+        qr = q[:, :info.rank]
+        proj = qr @ qr.T @ w
+        got = t["lora_B0"].double() @ t["lora_A0"].double()
+        assert (got - proj).norm() / proj.norm() <= 1e-5, name
+
+
+@pytest.mark.parametrize("method,peft_init", [("pissa", "pissa"), ("olora", "olora")])
+def test_matches_peft_init(tiny_llama, method, peft_init):
+    """PEFT mutates the base into W − s·B₀A₀; compare products (singular vectors have signs)."""
+    peft = pytest.importorskip("peft")
+    source = resolve(str(tiny_llama))
+    ours = _init(tiny_llama, method=method, svd="full", alpha=8)
+    model = source.load(dtype=torch.float32)
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear)}
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                          init_lora_weights=peft_init)
+    pm = peft.get_peft_model(model, cfg)
+    for name, info in ours.config.modules.items():
+        layer = pm.base_model.model.get_submodule(name)
+        peft_prod = (before[name] - layer.base_layer.weight.detach()).double()
+        t = ours.tensors[name]
+        our_prod = info.scaling * t["lora_B0"].double() @ t["lora_A0"].double()
+        assert torch.allclose(our_prod, peft_prod, atol=1e-4 * peft_prod.abs().max()), name
+
+
+def test_randomized_svd_is_seeded_and_accurate(tiny_llama):
+    a = _init(tiny_llama, method="pissa", svd="randomized", seed=1, niter=4)
+    b = _init(tiny_llama, method="pissa", svd="randomized", seed=1, niter=4)
+    c = _init(tiny_llama, method="pissa", svd="randomized", seed=2, niter=0, oversample=0)
+    name = a.names[0]
+    assert torch.equal(a.tensors[name]["lora_A0"], b.tensors[name]["lora_A0"])
+    assert not torch.equal(a.tensors[name]["lora_A0"], c.tensors[name]["lora_A0"])
+    assert a.config.init["captured_energy_min"] > 0.99
+    assert a.config.init["captured_energy_min"] >= c.config.init["captured_energy_min"]
+
+
+def test_reload_gives_same_factors(tiny_llama, tmp_path):
+    for method in METHODS:
+        adapter = _init(tiny_llama, method=method, dora=True, seed=3)
+        save_adapter(adapter, tmp_path / method)
+        again = load_adapter(tmp_path / method)
+        assert again.config.to_json() == adapter.config.to_json()
+        for name in adapter.names:
+            for key, value in adapter.tensors[name].items():
+                assert torch.equal(again.tensors[name][key], value), (method, name, key)
+
+
+def test_rank_pattern_and_rslora(tiny_llama):
+    adapter = _init(tiny_llama, method="lora", rank=4, alpha=16, rslora=True,
+                    rank_pattern="mlp=8,o_proj=2")
+    for name, info in adapter.config.modules.items():
+        want = 8 if ".mlp." in name else 2 if name.endswith("o_proj") else 4
+        assert info.rank == want
+        assert adapter.tensors[name]["lora_A"].shape[0] == want
+        assert math.isclose(info.scaling, 16 / math.sqrt(want))
+    plain = _init(tiny_llama, method="lora", rank=4, alpha=16)
+    assert all(math.isclose(i.scaling, 4.0) for i in plain.config.modules.values())
+
+
+def test_delora_bound_holds_after_perturbation(tiny_llama):
+    adapter = _init(tiny_llama, method="delora", delora_lambda=2.0)
+    gen = torch.Generator().manual_seed(0)
+    for name in adapter.names:
+        t = adapter.tensors[name]
+        assert adapter.delta_w(name).abs().max() == 0  # frozen copy: exactly zero at init
+        for _ in range(5):
+            t["lora_A"] = t["lora_A0"] + torch.randn(t["lora_A0"].shape, generator=gen)
+            t["lora_B"] = t["lora_B0"] + 3 * torch.randn(t["lora_B0"].shape, generator=gen)
+            t["delora_lambda"] = t["delora_lambda0"] * 1.7
+            norm = adapter.delta_w(name).norm()
+            assert 0 < norm <= delora.bound(t) * (1 + 1e-6), name
+
+
+def test_dora_magnitude_is_row_norm(tiny_gpt2):
+    source = resolve(str(tiny_gpt2))
+    adapter = _init(tiny_gpt2, method="lora", dora=True)
+    for name, info in adapter.config.modules.items():
+        assert info.kind == "conv1d"
+        w = _weight(source, info)
+        assert torch.allclose(adapter.tensors[name]["magnitude"].double(), w.norm(dim=1), rtol=1e-6)
+
+
+def test_targets_suffix_and_regex(tiny_llama):
+    a = _init(tiny_llama, targets="q_proj,v_proj")
+    assert a.names and all(n.endswith(("q_proj", "v_proj")) for n in a.names)
+    b = _init(tiny_llama, targets=r"re:.*\.0\.mlp\..*")
+    assert b.names and all(".0.mlp." in n for n in b.names)
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+def test_cli_init_writes_self_describing_folder(tiny_llama, tmp_path):
+    out = tmp_path / "ad"
+    code, stdout, _ = run_cli(["init", str(tiny_llama), "-m", "pissa", "-r", "4", "-o", str(out),
+                               "--json"])
+    assert code == 0
+    header = json.loads(stdout)
+    assert header["modules"] == 14 and header["method"] == "pissa"
+    cfg = json.loads((out / "adaptedit.json").read_text())
+    assert cfg["format_version"] == 1 and cfg["method"] == "pissa"
+    assert cfg["base"]["path"] == str(tiny_llama.resolve())
+    assert all(len(m["fingerprint"]) == 32 for m in cfg["modules"].values())
+    assert (out / "adapter.safetensors").stat().st_mode & 0o044
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-r", "0"], "positive integer"),
+    (["-r", "40"], "exceeds min(out, in)"),
+    (["-m", "nope"], "unknown method"),
+    (["-t", "nothing_here"], "matches no module"),
+    (["--device", "cuda"], "no CUDA"),
+])
+def test_cli_init_bad_input(tiny_llama, tmp_path, args, needle):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = tmp_path / "ad"
+    code, _, stderr = run_cli(["init", str(tiny_llama), "-o", str(out), *args])
+    assert code == 1
+    assert needle in stderr and stderr.startswith("error:") and stderr.count("\n") == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_init_rank_error_names_module(tiny_llama, tmp_path):
+    code, _, stderr = run_cli(["init", str(tiny_llama), "-o", str(tmp_path / "x"),
+                               "--rank-pattern", "k_proj=20"])
+    assert code == 1 and "k_proj" in stderr
+
+
+def test_cli_init_refuses_existing_out_and_force_replaces(tiny_llama, tmp_path):
+    out = tmp_path / "ad"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, _, stderr = run_cli(["init", str(tiny_llama), "-o", str(out), "-r", "2"])
+    assert code == 1 and "--force" in stderr and (out / "keep.txt").exists()
+    code, _, _ = run_cli(["init", str(tiny_llama), "-o", str(out), "-r", "2", "--force", "-q"])
+    assert code == 0 and not (out / "keep.txt").exists() and (out / "adaptedit.json").exists()
+
+
+def test_cli_init_nan_weight_names_tensor(tiny_llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama, bad)
+    st = load_file(bad / "model.safetensors")
+    key = "model.layers.1.mlp.up_proj.weight"
+    st[key][0, 0] = float("nan")
+    save_file(st, bad / "model.safetensors", metadata={"format": "pt"})
+    code, _, stderr = run_cli(["init", str(bad), "-o", str(tmp_path / "ad")])
+    assert code == 1 and key in stderr and "NaN" in stderr
+    assert not (tmp_path / "ad").exists()

