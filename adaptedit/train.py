@@ -581,8 +581,10 @@ def train(run: Run, reporter=None, *, model=None) -> dict:
         _log(metrics_path, dist, {"step": 0, "eval_loss": history["eval_loss"]})
     with _StopFlag() as stop:
         while step < run.total_steps:
-            if stop.set:
-                save(step, history["loss"]) if history["last_saved"] != step else None
+            flag = torch.tensor([float(stop.set)], device=run.device)
+            if float(dist.sum(flag)) > 0:  # every process stops at the same step
+                if history["last_saved"] != step:
+                    save(step, history["loss"])
                 raise Interrupted(step, run.folder / CHECKPOINTS / f"step-{step:06d}")
             t0 = time.perf_counter()
             lr = lr_at(step, run.total_steps, run.lr, cfg.lr_schedule, run.warmup_steps)

@@ -99,8 +99,9 @@ def test_lr_schedule():
 def test_loss_decreases(tiny_llama, work, tmp_path, method, dora):
     folder = make_adapter(tiny_llama, tmp_path / "a", method=method, dora=dora)
     before = tensors(folder)
-    lr = 1e-1 if method in ("delora", "milora") else 3e-2
-    s = run_train(folder, work / "small.jsonl", steps=8, batch_size=8, lr=lr, lr_schedule="constant")
+    lr = 5e-2 if method in ("delora", "milora") else 1e-2
+    s = run_train(folder, work / "small.jsonl", steps=8, batch_size=8, lr=lr,
+                  lr_schedule="constant")
     assert s["final_loss"] < s["first_loss"] - 0.05, s
     after = load_adapter(folder)
     t = after.config.training
@@ -292,3 +293,20 @@ def test_bad_data_is_a_one_line_error(work, tmp_path):
     code, _, err = run_cli(["train", str(work / "lora"), "--data", str(bad), "--steps", "1"])
     assert code == 1 and err.strip().count("\n") == 0
     assert f"{bad}:2: 'text' must be a string" in err
+
+
+@pytest.mark.slow
+def test_real_smollm2_learns_the_demo_task(tmp_path):
+    """The embedded SmolLM2-135M on examples/arithmetic (or dates): loss falls within 12 steps."""
+    try:
+        source = resolve(None)
+    except AdapteditError as e:
+        pytest.skip(f"embedded model not available: {e}")
+    data = next((p for p in (ROOT / "examples/dates/train.jsonl",
+                             ROOT / "examples/arithmetic/train.jsonl") if p.exists()), None)
+    if data is None:
+        pytest.skip("no examples data")
+    save_adapter(build(source, InitOptions(method="pissa", rank=8, svd="randomized")),
+                 tmp_path / "a")
+    s = run_train(tmp_path / "a", data, steps=12, batch_size=8, lr=2e-4, max_length=128)
+    assert s["final_loss"] < s["first_loss"], s
