@@ -124,7 +124,7 @@ def load_adapted(adapter: Adapter, source=None, *, dtype=None, device="cpu", dro
     """Load the base model (from the adapter's record or ``source``) with the adapter attached."""
     from adaptedit.adapter import base_for, check_base
 
-    source = source or base_for(adapter)
+    source = source or base_for(adapter, None)
     check_base(adapter, source)
     model = source.load(dtype=dtype, device=device)
     return attach(model, adapter, dropout=dropout)

@@ -1,0 +1,492 @@
+"""Fold one or more adapters into the base weights and write a deployable checkpoint.
+
+    W' = W + ΔW           ΔW = adapter.delta_w(name, W), float32, cast once to the output dtype
+
+Streaming: the base is read tensor by tensor (``safe_open``, pread backend when available), the
+output is planned from the headers alone (``huggingface_hub.split_torch_state_dict_into_shards`` on
+meta tensors) and written one shard at a time with ``save_file``. Peak memory is about one output
+shard plus one float32 tensor, whatever the model size. Everything goes to a temporary folder next
+to OUT, which is renamed only once it is complete (and verified).
+
+Several adapters of the same base combine on the dense ΔW of each tensor, so that adapters of
+different ranks and methods mix:
+
+    linear       Σ wᵢ ΔWᵢ                                            (exact)
+    ties         trim each ΔWᵢ to its top-``density`` entries by magnitude, elect a sign per entry
+                 from Σ wᵢ τᵢ, average the weighted entries that agree with it (Yadav et al. 2023)
+    dare_linear  drop entries with probability 1 − density, rescale by 1/density, then linear
+    dare_ties    the same drop-and-rescale, then TIES' sign election and disjoint mean (Yu et al. 2024)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adaptedit.adapter import (Adapter, base_for, check_base, check_weight, lowrank_delta,
+                               write_atomic_dir)
+from adaptedit.errors import AdapteditError, UsageError
+from adaptedit.methods import dora
+from adaptedit.models import TOKENIZER_FILES, ModelSource
+from adaptedit.targets import from_w, to_w
+
+COMBINE = ("linear", "ties", "dare_linear", "dare_ties")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+DEFAULT_SHARD = "200MB"
+VERIFY_PROMPTS = ["The capital of France is", "Write the date 1987-03-05 in words.",
+                  "Tom has 23 apples. He buys 15 more and gives away 9."]
+# max |Δlogit| allowed between the adapter model and the merged folder, relative to max(1, |logit|)
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 2e-1}
+
+
+@dataclass
+class MergeOptions:
+    weights: list[float] | None = None
+    combine: str = "linear"
+    density: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"
+    max_shard_size: str | int = DEFAULT_SHARD
+    verify: bool = True
+
+
+@dataclass
+class MergeResult:
+    out: str
+    base: str
+    adapters: list[str]
+    combine: str
+    dtype: str
+    tensors_merged: int = 0
+    tensors_copied: int = 0
+    shards: int = 0
+    output_bytes: int = 0
+    seconds: float = 0.0
+    verified: bool = False
+    max_abs_logit_diff: float | None = None
+    tolerance: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# combining several updates of one tensor
+
+
+def _generator(seed: int, key: str, i: int) -> torch.Generator:
+    """One generator per (tensor, adapter): the drop pattern does not depend on the tensor order."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode()) * 31 + i)
+                                         % (2 ** 63))
+
+
+def _trim(d: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries of largest magnitude (TIES 'trim')."""
+    if density >= 1.0:
+        return d
+    k = int(math.ceil(density * d.numel()))
+    if k <= 0:
+        return torch.zeros_like(d)
+    flat = d.abs().flatten()
+    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
+    return torch.where(d.abs() >= threshold, d, torch.zeros_like(d))
+
+
+def _dare(d: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+    """Drop entries with probability 1 − density, rescale the kept ones by 1/density (DARE)."""
+    keep = torch.rand(d.shape, generator=gen) < density
+    return torch.where(keep, d, torch.zeros_like(d)) / density
+
+
+def _disjoint_mean(ts: list[torch.Tensor]) -> torch.Tensor:
+    """TIES: elect a sign per entry from the sum, average the entries that agree with it."""
+    total = ts[0].clone()
+    for t in ts[1:]:
+        total += t
+    sign = torch.sign(total)
+    acc = torch.zeros_like(total)
+    count = torch.zeros_like(total)
+    for t in ts:
+        agree = (torch.sign(t) == sign) & (t != 0)
+        acc += torch.where(agree, t, torch.zeros_like(t))
+        count += agree
+    return acc / count.clamp_min(1.0)
+
+
+def combine(deltas: list[torch.Tensor | None], weights: list[float], how: str, density: float,
+            seed: int, key: str) -> torch.Tensor | None:
+    """Combine the dense float32 updates of one tensor (None: that adapter does not touch it)."""
+    parts = []
+    for i, (d, w) in enumerate(zip(deltas, weights)):
+        if d is None:
+            continue
+        if how == "ties":
+            d = _trim(d, density)
+        elif how in ("dare_linear", "dare_ties"):
+            d = _dare(d, density, _generator(seed, key, i))
+        parts.append(d * w if w != 1.0 else d)
+    if not parts:
+        return None
+    if how in ("ties", "dare_ties"):
+        return _disjoint_mean(parts)
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# planning
+
+
+def check_same_base(adapters: list[Adapter]) -> None:
+    """Refuse adapters recorded against different bases (by fingerprint where both have one)."""
+    first = adapters[0]
+    for other in adapters[1:]:
+        for name in set(first.names) & set(other.names):
+            f1 = first.config.modules[name].fingerprint
+            f2 = other.config.modules[name].fingerprint
+            if f1 and f2 and f1 != f2:
+                raise AdapteditError(
+                    f"adapters {first.path} and {other.path} were made for different bases "
+                    f"({first.config.base.get('ref')} vs {other.config.base.get('ref')}; weight "
+                    f"{first.config.modules[name].key} differs); merge adapters of one base only")
+
+
+def validate_options(adapters: list[Adapter], opts: MergeOptions) -> list[float]:
+    if opts.combine not in COMBINE:
+        raise UsageError(f"--combine {opts.combine!r}: choose one of {', '.join(COMBINE)}")
+    if not (0.0 < opts.density <= 1.0) or math.isnan(opts.density):
+        raise UsageError(f"--density {opts.density:g}: must be in (0, 1]")
+    if opts.dtype not in ("auto", *DTYPES):
+        raise UsageError(f"--dtype {opts.dtype!r}: choose auto, bf16, fp16 or fp32")
+    weights = opts.weights or [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise UsageError(f"--weights has {len(weights)} values for {len(adapters)} adapters; "
+                         "give one weight per adapter")
+    if any(not math.isfinite(w) for w in weights):
+        raise UsageError("--weights: every weight must be a finite number")
+    return [float(w) for w in weights]
+
+
+def _out_dtype(source: ModelSource, name: str) -> torch.dtype | None:
+    """The output dtype (None: keep each tensor's own dtype, the base's)."""
+    return DTYPES[name] if name != "auto" else None
+
+
+def _config_dtype(source: ModelSource, ckpt) -> torch.dtype:
+    raw = json.loads((source.path / "config.json").read_text())
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name in table:
+        return table[name]
+    for k in ckpt.keys():
+        dt = ckpt.dtype(k)
+        if dt.is_floating_point:
+            return dt
+    return torch.float32
+
+
+def _open_files(ckpt) -> dict:
+    """Handles on the base shards, with the pread backend where this safetensors has it (reads do
+    not map the file into the process, so the page cache of the base is not counted as ours)."""
+    from safetensors import safe_open
+
+    handles = {}
+    for name in ckpt.files:
+        path = str(ckpt.folder / name)
+        try:
+            handles[name] = safe_open(path, framework="pt", backend="pread")
+        except Exception:  # older safetensors: no backend argument
+            handles[name] = ckpt.files[name]
+    return handles
+
+
+def _read(handles, ckpt, key: str) -> torch.Tensor:
+    try:
+        return handles[ckpt.file_of(key)].get_tensor(key)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise AdapteditError(f"{ckpt.folder / ckpt.file_of(key)}: cannot read {key} ({first}); "
+                             "the file may be truncated: fetch the base again") from None
+
+
+def _zero_update(adapter: Adapter, name: str) -> bool:
+    """True when the module's θ still equals θ₀ (F(W, θ₀) = W by construction, so ΔW = 0)."""
+    t = adapter.tensors[name]
+    for k in adapter.trainable_names():
+        if f"{k}0" in t:
+            if not torch.equal(t[k], t[f"{k}0"]):
+                return False
+        elif k == "lora_B":  # plain LoRA: B₀ = 0
+            if torch.count_nonzero(t[k]):
+                return False
+        elif k == "lora_A" and "lora_B0" not in t:
+            continue  # plain LoRA: with B = 0, A does not matter
+        else:
+            return False
+    return True
+
+
+def module_delta(adapter: Adapter, name: str, w: torch.Tensor) -> torch.Tensor | None:
+    """ΔW (float32, out × in) of one module given the base W (out × in); None when exactly zero."""
+    if adapter.config.dora and _zero_update(adapter, name):
+        return None  # DoRA at θ₀: m/‖W‖ may round to 1 ± ulp; the reparametrization is exact
+    return adapter.delta_w(name, w)
+
+
+def module_merged(adapter: Adapter, name: str, w: torch.Tensor) -> torch.Tensor | None:
+    """W' (float32) of one module for a single adapter; None when W' = W exactly.
+
+    LoRA: W + s·(B@A), the same operations in the same order as PEFT's merge. DoRA: m/‖V‖ ⊙ V with
+    V = W + ΔW, computed directly (not W + (W' − W), which would round twice).
+    """
+    if adapter.config.dora:
+        if _zero_update(adapter, name):
+            return None
+        return dora.merged(w, lowrank_delta(adapter.terms(name)),
+                           adapter.tensors[name]["magnitude"].float())
+    return w + adapter.delta_w(name, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# the merge
+
+
+def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
+          opts: MergeOptions | None = None, force: bool = False, progress=None,
+          trust_remote_code: bool = False) -> MergeResult:
+    """Merge ``adapters`` into their base and write the checkpoint folder ``out`` atomically."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from adaptedit.models import resolve
+
+    opts = opts or MergeOptions()
+    out = Path(out)
+    if out.exists() and not force:
+        raise AdapteditError(f"{out}: already exists; pass --force to replace it")
+    weights = validate_options(adapters, opts)
+    check_same_base(adapters)
+    source = (resolve(base, trust_remote_code=trust_remote_code) if base
+              else base_for(adapters[0], None))
+    ckpt = source.checkpoint
+    # key -> [(adapter index, module name, Target)]
+    plan: dict[str, list] = {}
+    for i, ad in enumerate(adapters):
+        found = check_base(ad, source, verify_weights=False)
+        for name in ad.names:
+            t = found[name]
+            plan.setdefault(t.key, []).append((i, name, t))
+
+    keys = ckpt.keys()
+    out_dtype = _out_dtype(source, opts.dtype)
+    base_dtype = _config_dtype(source, ckpt)
+    final_dtype = out_dtype or base_dtype
+
+    def target_dtype(key):
+        dt = ckpt.dtype(key)
+        return out_dtype if (out_dtype is not None and dt.is_floating_point) else dt
+
+    meta = {k: torch.empty(ckpt.shape(k), dtype=target_dtype(k), device="meta") for k in keys}
+    try:
+        split = split_torch_state_dict_into_shards(meta, max_shard_size=opts.max_shard_size)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--max-shard-size {opts.max_shard_size!r}: {e}") from None
+    del meta
+
+    result = MergeResult(out=str(out), base=source.ref, adapters=[str(a.path) for a in adapters],
+                         combine=opts.combine if len(adapters) > 1 else "single",
+                         dtype=DTYPE_NAMES.get(final_dtype, str(final_dtype)))
+    start = time.perf_counter()
+    handles = _open_files(ckpt)
+    total_bytes = sum(math.prod(ckpt.shape(k)) * ckpt.dtype(k).itemsize for k in keys)
+    task = progress.add_task("Merging", total=total_bytes) if progress else None
+
+    def write(tmp: Path):
+        from safetensors.torch import save_file
+
+        for filename, shard_keys in split.filename_to_tensors.items():
+            shard = {}
+            for key in shard_keys:
+                raw = _read(handles, ckpt, key)
+                if key in plan:
+                    shard[key] = _merge_tensor(adapters, plan[key], raw, key, weights, opts,
+                                               source.ref, target_dtype(key))
+                    result.tensors_merged += 1
+                else:
+                    shard[key] = raw if raw.dtype == target_dtype(key) else raw.to(target_dtype(key))
+                    result.tensors_copied += 1
+                if progress:
+                    progress.advance(task, raw.numel() * raw.element_size())
+                del raw
+            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
+            del shard
+        if split.is_sharded:
+            index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2,
+                                                                         sort_keys=True) + "\n")
+        _write_side_files(source, tmp, final_dtype)
+        result.shards = len(split.filename_to_tensors)
+        result.output_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+        if opts.verify:
+            fits, why = _fits_in_memory(total_bytes, final_dtype)
+            if fits:
+                keymap = {name: key for key, es in plan.items() for _, name, _ in es}
+                diff, tol = verify(adapters, source, tmp, weights, opts, final_dtype, keymap)
+                result.verified, result.max_abs_logit_diff, result.tolerance = True, diff, tol
+            else:
+                result.notes.append(f"verification skipped: {why}")
+
+    write_atomic_dir(out, write, force=force)  # any OSError: one line, temporary folder removed
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _merge_tensor(adapters, entries, raw, key, weights, opts, base_ref, dtype) -> torch.Tensor:
+    kind = entries[0][2].kind
+    for i, name, _ in entries:
+        check_weight(adapters[i], name, raw, base_ref)
+    w = to_w(raw, kind).float()  # (out × in)
+    if len(adapters) == 1 and weights[0] == 1.0:
+        new = module_merged(adapters[0], entries[0][1], w)
+    else:
+        deltas = [None] * len(adapters)
+        for i, name, _ in entries:
+            deltas[i] = module_delta(adapters[i], name, w)
+        if len(adapters) == 1:
+            d = None if deltas[0] is None else deltas[0] * weights[0]
+        else:
+            d = combine(deltas, weights, opts.combine, opts.density, opts.seed, key)
+        new = None if d is None else w + d
+    if new is None:
+        return raw if raw.dtype == dtype else raw.to(dtype)
+    merged = from_w(new, kind).to(dtype)
+    if not torch.isfinite(merged).all():
+        raise AdapteditError(f"merged weight {key} has NaN or Inf (adapter values too large for "
+                             f"{DTYPE_NAMES.get(dtype, dtype)}?); try --dtype fp32")
+    return merged
+
+
+def _write_side_files(source: ModelSource, tmp: Path, dtype: torch.dtype) -> None:
+    """config.json with the output dtype; generation config and tokenizer files copied verbatim."""
+    cfg = json.loads((source.path / "config.json").read_text())
+    name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    cfg["dtype"] = name
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = name
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for fname in ("generation_config.json", *TOKENIZER_FILES):
+        src = source.path / fname
+        if src.is_file():
+            shutil.copyfile(src, tmp / fname)
+
+
+def _fits_in_memory(model_bytes: int, dtype: torch.dtype) -> tuple[bool, str]:
+    """Verification loads the base (+adapter) and the merged model: about 3× the model size."""
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, AttributeError):
+        return True, ""
+    need = 3 * model_bytes * max(1, dtype.itemsize // 2)
+    if need > avail:
+        return False, (f"the model needs about {need / 2**30:.1f} GiB to compare, "
+                       f"{avail / 2**30:.1f} GiB available")
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# verification
+
+
+def _inputs(source: ModelSource):
+    try:
+        tok = source.tokenizer()
+        ids = [tok(p, return_tensors="pt")["input_ids"] for p in VERIFY_PROMPTS]
+        ids = [i for i in ids if i.numel() > 0]
+        if ids:
+            return ids
+    except AdapteditError:
+        pass
+    vocab = int(getattr(source.config, "vocab_size", 100) or 100)
+    return [torch.arange(1, 9).remainder(vocab).unsqueeze(0)]
+
+
+def _forward(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return (out.logits if getattr(out, "logits", None) is not None else out[0]).float()
+
+
+def verify(adapters, source: ModelSource, merged_dir: Path, weights, opts, dtype,
+           keymap: dict) -> tuple[float, float]:
+    """Run fixed prompts through base+adapter and through the merged folder; max |Δlogit|.
+
+    One adapter: the reference is the base with the adapter attached (layer.attach), an independent
+    path from the merge arithmetic. Several: the base with the combined ΔW added in memory (this
+    checks the files: shards, names, dtype, tying).
+    """
+    from adaptedit.layer import attach
+    from adaptedit.models import quiet_transformers
+
+    quiet_transformers()
+    ids = _inputs(source)
+    ref = source.load(dtype=dtype)
+    if len(adapters) == 1 and weights[0] == 1.0:
+        attach(ref, adapters[0])
+    else:
+        _apply_in_memory(ref, adapters, weights, opts, keymap)
+    ref_out = [_forward(ref, i) for i in ids]
+    del ref
+    cls = source.model_class()
+    try:
+        merged, info = cls.from_pretrained(merged_dir, dtype=dtype, output_loading_info=True)
+    except Exception as e:
+        raise AdapteditError(f"verification: transformers cannot load the merged model "
+                             f"({str(e).splitlines()[0][:200]})") from None
+    bad = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
+    if bad:
+        raise AdapteditError(f"verification: the merged model loads with {bad[0].replace('_', ' ')}: "
+                             f"{sorted(map(str, info[bad[0]]))[:3]}")
+    merged.eval()
+    diff, scale = 0.0, 1.0
+    for i, r in zip(ids, ref_out):
+        m = _forward(merged, i)
+        diff = max(diff, float((m - r).abs().max()))
+        scale = max(scale, float(r.abs().max()))
+    tol = TOLERANCE.get(dtype, 1e-3) * scale
+    if not diff <= tol:
+        raise AdapteditError(f"verification failed: max |Δlogit| {diff:.3g} between the adapter "
+                             f"model and the merged model exceeds {tol:.3g}; nothing was written "
+                             "(pass --no-verify to write it anyway)")
+    return diff, tol
+
+
+def _apply_in_memory(model, adapters, weights, opts, keymap: dict) -> None:
+    from adaptedit.targets import layer_kind
+
+    modules = dict(model.named_modules())
+    names = {n for a in adapters for n in a.names}
+    with torch.no_grad():
+        for name in names:
+            mod = modules[name]
+            kind = layer_kind(mod)
+            w = to_w(mod.weight, kind).float()
+            deltas = [module_delta(a, name, w) if name in a.config.modules else None
+                      for a in adapters]
+            if len(adapters) == 1:
+                d = None if deltas[0] is None else deltas[0] * weights[0]
+            else:
+                d = combine(deltas, weights, opts.combine, opts.density, opts.seed, keymap[name])
+            if d is not None:
+                mod.weight.copy_(from_w(w + d, kind).to(mod.weight.dtype))

@@ -1,0 +1,219 @@
+"""PEFT LoRA folders in and out.
+
+    PEFT_DIR/adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "target_modules",
+                                          "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+                                          "fan_in_fan_out", "base_model_name_or_path", ...}
+    PEFT_DIR/adapter_model.safetensors  base_model.model.<module>.lora_A.weight (r × in)
+                                        base_model.model.<module>.lora_B.weight (out × r)
+                                        base_model.model.<module>.lora_magnitude_vector (out, DoRA)
+
+PEFT's update of a module is ΔW = s · B A with s = α/r (α/√r with rsLoRA), r and α per module from
+``rank_pattern``/``alpha_pattern`` (the first pattern key K with ``re.match(f"(.*\\.)?({K})$", name)``).
+For GPT-2's Conv1D, ``fan_in_fan_out`` is true but lora_A/lora_B keep the (r × in)/(out × r) layout.
+
+Export. LoRA keeps its rank, α and rsLoRA (the file trains on in PEFT as it would have). Methods whose
+update is a sum of terms (PiSSA, MiLoRA, OLoRA: s(BA − B₀A₀); DeLoRA: two normalised terms) become an
+exact LoRA of rank Σk by concatenation, A' = [A; A₀], B' = [c₁B | c₂B₀], with the coefficients folded
+into B' and α = r so that PEFT's scaling is exactly 1. DoRA keeps its magnitude vector: PEFT's DoRA is
+m ⊙ (W + s·B'A') / ‖W + s·B'A'‖_row, the same function as adaptedit's.
+
+Import. A LoRA/DoRA folder becomes an Adapter with method "lora" (B₀ = 0), ``source="peft"`` and no
+fingerprints (PEFT records none). Only safetensors weights are read; ``adapter_model.bin`` (pickle) is
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo, write_atomic_dir
+from adaptedit.errors import AdapteditError
+
+PREFIX = "base_model.model."
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def pattern_key(patterns, name: str):
+    """PEFT's rule: the first pattern key K such that ``(.*\\.)?(K)$`` matches the module name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+def peft_tensors(adapter: Adapter) -> tuple[dict, dict]:
+    """{PEFT key: tensor} and {module: (rank, alpha)} for an adapter (see the module docstring)."""
+    cfg = adapter.config
+    flat, ranks = {}, {}
+    for name, info in cfg.modules.items():
+        t = adapter.tensors[name]
+        if cfg.method == "lora":
+            a, b = t["lora_A"].float(), t["lora_B"].float()
+            ranks[name] = (info.rank, info.alpha)
+        else:
+            terms = adapter.terms(name)
+            b = torch.cat([c * bb.float() for c, bb, _ in terms], dim=1)  # (out × Σk)
+            a = torch.cat([aa.float() for _, _, aa in terms], dim=0)  # (Σk × in)
+            ranks[name] = (a.shape[0], float(a.shape[0]))  # α = r: scaling exactly 1
+        flat[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        flat[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        if cfg.dora:
+            flat[f"{PREFIX}{name}.lora_magnitude_vector"] = t["magnitude"].float().contiguous()
+    return flat, ranks
+
+
+def peft_config(adapter: Adapter, ranks: dict, base_ref: str | None = None) -> dict:
+    cfg = adapter.config
+    # the most common (rank, alpha) is the default; the others go to rank_pattern/alpha_pattern
+    counts: dict = {}
+    for ra in ranks.values():
+        counts[ra] = counts.get(ra, 0) + 1
+    r, alpha = max(counts, key=counts.get)
+    rank_pattern = {re.escape(n): int(ra[0]) for n, ra in ranks.items() if ra[0] != r}
+    alpha_pattern = {re.escape(n): float(ra[1]) for n, ra in ranks.items() if ra[1] != alpha}
+    conv1d = any(m.kind == "conv1d" for m in cfg.modules.values())
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_ref or cfg.base.get("ref"),
+        "r": int(r),
+        "lora_alpha": float(alpha),
+        "target_modules": sorted(cfg.modules),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": bool(cfg.rslora) if cfg.method == "lora" else False,
+        "use_dora": bool(cfg.dora),
+        "fan_in_fan_out": conv1d,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "revision": None,
+        "adaptedit": {"method": cfg.method, "source": cfg.source,
+                      "note": "exported by adaptedit; scaling folded into lora_B where α = r"},
+    }
+
+
+def export_peft(adapter: Adapter, out: Path, *, force: bool = False,
+                base_ref: str | None = None) -> dict:
+    """Write ``adapter`` as a PEFT LoRA folder that PeftModel.from_pretrained loads on the base."""
+    from safetensors.torch import save_file
+
+    if adapter.config.method not in ("lora", "pissa", "milora", "olora", "delora"):
+        raise AdapteditError(f"method {adapter.config.method} has no exact PEFT LoRA form")
+    flat, ranks = peft_tensors(adapter)
+    config = peft_config(adapter, ranks, base_ref)
+
+    def write(tmp: Path):
+        save_file(flat, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+    write_atomic_dir(Path(out), write, force=force)
+    return {"out": str(out), "modules": len(ranks), "method": adapter.config.method,
+            "dora": adapter.config.dora, "peft_r": config["r"], "lora_alpha": config["lora_alpha"],
+            "rank_pattern": len(config["rank_pattern"]),
+            "exact_rank": "r" if adapter.config.method == "lora" else "concatenated terms (2r)",
+            "base_model_name_or_path": config["base_model_name_or_path"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# import
+
+
+def import_peft(folder: str | Path) -> Adapter:
+    """Read a PEFT LoRA/DoRA folder as an adaptedit Adapter (method "lora")."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path = folder / CONFIG
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapteditError(f"{cfg_path}: unreadable PEFT config ({e})") from None
+    ptype = str(cfg.get("peft_type", "")).upper()
+    if ptype != "LORA":
+        raise AdapteditError(f"{cfg_path}: PEFT type {ptype or '(none)'} is not supported; "
+                             "adaptedit reads PEFT LoRA (and DoRA) adapters only")
+    wpath = folder / WEIGHTS
+    if not wpath.exists():
+        if (folder / "adapter_model.bin").exists():
+            raise AdapteditError(f"{folder}: only adapter_model.bin (pickle) is present; adaptedit "
+                                 "never unpickles. Re-save it with PEFT's save_pretrained("
+                                 "safe_serialization=True)")
+        raise AdapteditError(f"{folder}: {WEIGHTS} is missing")
+    try:
+        flat = load_file(str(wpath))
+    except Exception as e:
+        raise AdapteditError(f"{wpath}: unreadable ({str(e).splitlines()[0][:200]})") from None
+    if cfg.get("modules_to_save"):
+        raise AdapteditError(f"{cfg_path}: modules_to_save {cfg['modules_to_save']} (full copies "
+                             "of modules) is not supported; only LoRA factors are")
+    if cfg.get("lora_bias"):
+        raise AdapteditError(f"{cfg_path}: lora_bias=true is not supported")
+    tensors: dict = {}
+    suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
+                ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
+    for key, value in flat.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for suf, name in suffixes.items():
+            if k.endswith(suf):
+                tensors.setdefault(k[: -len(suf)], {})[name] = value.float()
+                break
+        else:
+            raise AdapteditError(f"{wpath}: tensor {key} is not a LoRA factor (embedding LoRA, "
+                                 "biases and saved modules are not supported)")
+    r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    rslora, dora = bool(cfg.get("use_rslora")), bool(cfg.get("use_dora"))
+    kind = "conv1d" if cfg.get("fan_in_fan_out") else "linear"
+    modules = {}
+    for name in sorted(tensors, key=_natural):
+        t = tensors[name]
+        if "lora_A" not in t or "lora_B" not in t or (dora and "magnitude" not in t):
+            missing = [x for x in ("lora_A", "lora_B") + (("magnitude",) if dora else ())
+                       if x not in t]
+            raise AdapteditError(f"{wpath}: module {name} lacks {', '.join(missing)}")
+        a, b = t["lora_A"], t["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapteditError(f"{wpath}: {name} factors {tuple(b.shape)} @ {tuple(a.shape)} "
+                                 "do not multiply")
+        rk = pattern_key(rank_pattern, name)
+        ak = pattern_key(alpha_pattern, name)
+        r = int(rank_pattern[rk]) if rk is not None else r0
+        alpha = float(alpha_pattern[ak]) if ak is not None else alpha0
+        if r != a.shape[0]:
+            raise AdapteditError(f"{cfg_path}: module {name} has rank {a.shape[0]} in the weights "
+                                 f"but {r} in the config")
+        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        modules[name] = ModuleInfo(kind=kind, shape=[int(b.shape[0]), int(a.shape[1])], rank=r,
+                                   alpha=alpha, scaling=scaling, key=f"{name}.weight",
+                                   fingerprint="")
+    if not modules:
+        raise AdapteditError(f"{wpath}: no LoRA factors found")
+    base_ref = cfg.get("base_model_name_or_path") or ""
+    is_dir = bool(base_ref) and Path(base_ref).expanduser().is_dir()
+    config = AdapterConfig(
+        method="lora", rank=r0, alpha=alpha0, dora=dora, rslora=rslora,
+        base={"ref": base_ref, "path": str(Path(base_ref).expanduser()) if is_dir else "",
+              "kind": "folder" if is_dir else "hub"},
+        modules=modules, targets=",".join(sorted({n.rsplit(".", 1)[-1] for n in modules})),
+        rank_pattern=dict(rank_pattern), source="peft",
+        init={"peft": {k: cfg.get(k) for k in ("init_lora_weights", "lora_dropout",
+                                                "target_modules", "alpha_pattern")}},
+    )
+    return Adapter(config, {n: tensors[n] for n in modules}, folder)
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
