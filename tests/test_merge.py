@@ -1,0 +1,325 @@
+"""merge: exact algebra on tiny checkpoints, PEFT parity, combine methods, file layout, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_cli
+from safetensors.torch import load_file
+
+import fixtures
+from adaptedit.adapter import load_adapter
+from adaptedit.errors import AdapteditError
+from adaptedit.init import InitOptions, build
+from adaptedit.layer import attach
+from adaptedit.merge import MergeOptions, combine, merge
+from adaptedit.models import resolve
+from adaptedit.targets import to_w
+
+METHODS = ["lora", "pissa", "milora", "olora", "delora"]
+IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11]])
+
+
+def perturb(adapter, seed=0, scale=0.05):
+    """Move θ away from θ₀, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    for t in adapter.tensors.values():
+        for k in ("lora_A", "lora_B"):
+            t[k] = t[k] + scale * torch.randn(t[k].shape, generator=g)
+        if "magnitude" in t:
+            t["magnitude"] = t["magnitude"] * (1 + 0.1 * torch.rand(t["magnitude"].shape, generator=g))
+        if "delora_lambda" in t:
+            t["delora_lambda"] = t["delora_lambda"] * 1.3
+    return adapter
+
+
+def make_adapter(base: Path, folder: Path, *, method="lora", dora=False, rank=4, seed=0,
+                 trained=True, **kw) -> Path:
+    ad = build(resolve(str(base)), InitOptions(method=method, dora=dora, rank=rank, seed=seed, **kw))
+    if trained:
+        perturb(ad, seed)
+    ad.save(folder)
+    return folder
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return (out.logits if getattr(out, "logits", None) is not None else out[0]).float()
+
+
+def load_merged(folder: Path):
+    src = resolve(str(folder))
+    model, info = src.model_class().from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+def tensors(folder: Path) -> dict:
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dora", [False, True])
+def test_untrained_merge_is_bit_identical(tiny_llama, tmp_path, method, dora):
+    ad = make_adapter(tiny_llama, tmp_path / "ad", method=method, dora=dora, trained=False)
+    res = merge([load_adapter(ad)], tmp_path / "m", opts=MergeOptions(verify=False))
+    a, b = tensors(tiny_llama), tensors(tmp_path / "m")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert res.tensors_merged == len(load_adapter(ad).names)
+
+
+@pytest.mark.parametrize("method,dora", [("lora", False), ("pissa", True), ("delora", False),
+                                         ("olora", True)])
+def test_merged_logits_equal_adapter_model(tiny_llama, tmp_path, method, dora):
+    ad = load_adapter(make_adapter(tiny_llama, tmp_path / "ad", method=method, dora=dora))
+    res = merge([ad], tmp_path / "m")  # verification on by default
+    assert res.verified and res.max_abs_logit_diff <= 1e-5
+    src = resolve(str(tiny_llama))
+    ref = logits(attach(src.load(dtype=torch.float32), ad))
+    got = logits(load_merged(tmp_path / "m"))
+    assert (ref - got).abs().max() <= 1e-5
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["dtype"] == "float32"
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "m" / f).read_bytes() == (tiny_llama / f).read_bytes()
+    assert oct((tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+
+
+def test_gpt2_conv1d_and_tied_embeddings(tiny_gpt2, tiny_llama_tied, tmp_path):
+    for base, name in ((tiny_gpt2, "gpt2"), (tiny_llama_tied, "tied")):
+        ad = load_adapter(make_adapter(base, tmp_path / f"ad_{name}", method="pissa", dora=True))
+        merge([ad], tmp_path / name)
+        base_keys = set(tensors(base))
+        out = tensors(tmp_path / name)
+        assert set(out) == base_keys  # no lm_head key added
+        model = load_merged(tmp_path / name)
+        assert model.get_output_embeddings().weight.data_ptr() == \
+            model.get_input_embeddings().weight.data_ptr()
+        ref = logits(attach(resolve(str(base)).load(dtype=torch.float32), ad))
+        assert (logits(model) - ref).abs().max() <= 1e-5
+        # the merged weight is W + ΔW in the stored layout
+        mname = ad.names[0]
+        info = ad.config.modules[mname]
+        w = to_w(tensors(base)[info.key], info.kind).float()
+        expect = w + ad.delta_w(mname, w)
+        assert torch.allclose(to_w(out[info.key], info.kind), expect, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def low_precision_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lowp")
+    return {dt: fixtures.make_tiny_llama(root / str(dt).split(".")[-1], dtype=dt)
+            for dt in (torch.float16, torch.bfloat16)}
+
+
+def _peft_adapter(base: Path, folder: Path, *, conv1d=False, dora=False):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    tm = ["c_attn", "c_fc"] if conv1d else ["q_proj", "v_proj", "down_proj"]
+    cfg = LoraConfig(r=4, lora_alpha=6, target_modules=tm, use_rslora=True, use_dora=dora,
+                     rank_pattern={"down_proj": 2, "c_fc": 2}, alpha_pattern={"v_proj": 3},
+                     init_lora_weights=False, fan_in_fan_out=conv1d)
+    model = get_peft_model(resolve(str(base)).load(dtype=torch.float32), cfg)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_peft_adapter_merge_matches_merge_and_unload(tiny_llama, tiny_gpt2, low_precision_bases,
+                                                     tmp_path):
+    from peft import PeftModel
+
+    warnings.filterwarnings("ignore")
+    cases = [(tiny_llama, False, False), (tiny_llama, False, True), (tiny_gpt2, True, False),
+             (low_precision_bases[torch.float16], False, False),
+             (low_precision_bases[torch.bfloat16], False, False)]
+    for i, (base, conv1d, dora) in enumerate(cases):
+        pdir = _peft_adapter(base, tmp_path / f"peft{i}", conv1d=conv1d, dora=dora)
+        ad = load_adapter(pdir)
+        assert ad.config.source == "peft" and ad.config.method == "lora" and ad.config.rslora
+        pm = PeftModel.from_pretrained(resolve(str(base)).load(), pdir)
+        expect = pm.merge_and_unload().state_dict()
+        merge([ad], tmp_path / f"m{i}", base=str(base))
+        got = tensors(tmp_path / f"m{i}")
+        for k, v in got.items():
+            assert v.dtype == expect[k].dtype
+            assert torch.equal(v, expect[k]), (base.name, k)
+
+
+def test_linear_combine_is_sum_of_deltas(tiny_llama, tmp_path):
+    a1 = load_adapter(make_adapter(tiny_llama, tmp_path / "a1", method="lora", seed=1))
+    a2 = load_adapter(make_adapter(tiny_llama, tmp_path / "a2", method="pissa", dora=True, seed=2,
+                                   rank=2, targets="q_proj,down_proj"))
+    merge([a1, a2], tmp_path / "m", opts=MergeOptions(weights=[0.7, 0.3]))
+    base, out = tensors(tiny_llama), tensors(tmp_path / "m")
+    for name, info in a1.config.modules.items():
+        w = base[info.key].float()
+        d = a1.delta_w(name, w) * 0.7
+        if name in a2.config.modules:
+            d = d + a2.delta_w(name, w) * 0.3
+        assert torch.equal(out[info.key], w + d), name
+    untouched = [k for k in base if k not in {i.key for i in a1.config.modules.values()}]
+    assert all(torch.equal(base[k], out[k]) for k in untouched)
+
+
+def test_ties_and_dare(tiny_llama, tmp_path):
+    a1 = load_adapter(make_adapter(tiny_llama, tmp_path / "a1", seed=1))
+    a2 = load_adapter(make_adapter(tiny_llama, tmp_path / "a2", seed=2))
+    lin = tensors(merge([a1, a2], tmp_path / "lin", opts=MergeOptions(verify=False)).out)
+    d1 = tensors(merge([a1, a2], tmp_path / "d1", opts=MergeOptions(
+        combine="dare_linear", density=1.0, verify=False)).out)
+    assert all(torch.equal(lin[k], d1[k]) for k in lin)  # density 1: DARE is the identity
+    runs = []
+    for name, seed in (("s0", 0), ("s0b", 0), ("s1", 1)):
+        runs.append(tensors(merge([a1, a2], tmp_path / name, opts=MergeOptions(
+            combine="dare_ties", density=0.5, seed=seed)).out))
+    key = a1.config.modules[a1.names[0]].key
+    assert torch.equal(runs[0][key], runs[1][key])  # seeded
+    assert not torch.equal(runs[0][key], runs[2][key])
+    ties = tensors(merge([a1, a2], tmp_path / "ties", opts=MergeOptions(
+        combine="ties", density=0.3)).out)
+    assert not torch.equal(ties[key], lin[key])
+
+
+def test_combine_math():
+    d1 = torch.tensor([[1.0, -2.0, 0.5, 4.0]])
+    d2 = torch.tensor([[3.0, 1.0, -0.5, -1.0]])
+    # ties, density 1: signs elected from the sum (+, −, 0→either, +); mean of the agreeing entries
+    t = combine([d1, d2], [1.0, 1.0], "ties", 1.0, 0, "k")
+    assert torch.equal(t, torch.tensor([[2.0, -2.0, 0.0, 4.0]]))
+    # trim to 50%: d1 keeps 4, −2; d2 keeps 3, 1 → sum (3, −1, 0, 4)
+    t = combine([d1, d2], [1.0, 1.0], "ties", 0.5, 0, "k")
+    assert torch.equal(t, torch.tensor([[3.0, -2.0, 0.0, 4.0]]))
+    big = torch.randn(200, 300)
+    kept = combine([big], [1.0], "dare_linear", 0.25, 7, "k")
+    frac = float((kept != 0).float().mean())
+    assert 0.22 < frac < 0.28
+    assert torch.allclose(kept[kept != 0], big[kept != 0] * 4)
+
+
+def test_sharded_base_gives_sharded_output(tiny_llama, tiny_llama_sharded, tmp_path):
+    ad = make_adapter(tiny_llama, tmp_path / "ad", method="pissa")
+    merge([load_adapter(ad)], tmp_path / "one", opts=MergeOptions(verify=False))
+    code, _, err = run_cli(["merge", str(ad), "--base", str(tiny_llama_sharded), "--max-shard-size",
+                            "60KB", "-o", str(tmp_path / "sh"), "-q"])
+    assert code == 0, err
+    index = json.loads((tmp_path / "sh" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert sorted(p.name for p in (tmp_path / "sh").glob("*.safetensors")) == files
+    one, sh = tensors(tmp_path / "one"), tensors(tmp_path / "sh")
+    assert one.keys() == sh.keys() and all(torch.equal(one[k], sh[k]) for k in one)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in sh.values())
+    load_merged(tmp_path / "sh")
+
+
+def test_dtype_option(tiny_llama, tmp_path):
+    ad = make_adapter(tiny_llama, tmp_path / "ad")
+    code, out, err = run_cli(["merge", str(ad), "--dtype", "bf16", "-o", str(tmp_path / "m"),
+                              "--json"])
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["dtype"] == "bfloat16" and summary["verified"]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(v.dtype == torch.bfloat16 for v in tensors(tmp_path / "m").values())
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line, exit code, nothing written
+
+
+def _no_leftovers(parent: Path, name: str):
+    return not any(p.name.startswith(f".{name}.tmp-") for p in parent.iterdir())
+
+
+def test_fingerprint_mismatch(tiny_llama, tmp_path):
+    other = fixtures.make_tiny_llama(tmp_path / "other", seed=5)
+    ad = make_adapter(tiny_llama, tmp_path / "ad")
+    code, _, err = run_cli(["merge", str(ad), "--base", str(other), "-o", str(tmp_path / "m")])
+    assert code == 1 and "made for base" in err and str(other) in err
+    assert err.count("\n") == 1 and not (tmp_path / "m").exists()
+    assert _no_leftovers(tmp_path, "m")
+
+
+def test_adapters_of_different_bases(tiny_llama, tmp_path):
+    other = fixtures.make_tiny_llama(tmp_path / "other", seed=5)
+    a1, a2 = make_adapter(tiny_llama, tmp_path / "a1"), make_adapter(other, tmp_path / "a2")
+    code, _, err = run_cli(["merge", str(a1), str(a2), "-o", str(tmp_path / "m")])
+    assert code == 1 and "different bases" in err
+
+
+def test_usage_errors(tiny_llama, tmp_path):
+    ad = make_adapter(tiny_llama, tmp_path / "ad")
+    out = str(tmp_path / "m")
+    code, _, err = run_cli(["merge", str(ad), str(ad), "--weights", "0.5", "-o", out])
+    assert code == 2 and "--weights" in err
+    for density in ("0", "1.5"):
+        code, _, err = run_cli(["merge", str(ad), str(ad), "--combine", "ties", "--density",
+                                density, "-o", out])
+        assert code == 2 and "--density" in err
+    code, _, err = run_cli(["merge", str(ad), "--combine", "nope", "-o", out])
+    assert code == 2
+    (tmp_path / "exists").mkdir()
+    code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "exists")])
+    assert code == 1 and "--force" in err
+    code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "exists"), "--force", "-q"])
+    assert code == 0 and (tmp_path / "exists" / "model.safetensors").exists()
+
+
+def test_missing_adapter_tensors(tiny_llama, tmp_path):
+    ad = make_adapter(tiny_llama, tmp_path / "ad")
+    (ad / "adapter.safetensors").unlink()
+    code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "m")])
+    assert code == 1 and "adapter.safetensors is missing" in err
+
+
+def test_truncated_base_shard(tiny_llama_sharded, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_sharded, base)
+    ad = make_adapter(base, tmp_path / "ad")
+    shard = sorted(base.glob("model-*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "m")])
+    assert code == 1 and shard.name in err and "truncated" in err
+    assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path, "m")
+
+
+def test_enospc_removes_temp_folder(tiny_llama, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    ad = make_adapter(tiny_llama, tmp_path / "ad")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(AdapteditError, match="No space left"):
+        merge([load_adapter(ad)], tmp_path / "m")
+    assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path, "m")
+    code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "m")])
+    assert code == 1 and err.startswith("error:") and err.count("\n") == 1
+
+
+def test_cli_subprocess_help_and_merge(tiny_llama, tmp_path):
+    import subprocess
+    import sys
+
+    ad = make_adapter(tiny_llama, tmp_path / "ad")
+    r = subprocess.run([sys.executable, "-m", "adaptedit", "merge", str(ad), "-o",
+                        str(tmp_path / "m"), "--no-verify", "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["tensors_merged"] == 14 and not summary["verified"]
