@@ -1,0 +1,104 @@
+"""export to PEFT and import from PEFT: PeftModel on the original base gives the adapter's logits."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from helpers import run_cli
+from safetensors.torch import load_file, save_file
+from test_merge import logits, make_adapter
+
+from adaptedit.adapter import load_adapter
+from adaptedit.layer import attach
+from adaptedit.merge import MergeOptions, merge
+from adaptedit.models import resolve
+
+METHODS = ["lora", "pissa", "milora", "olora", "delora"]
+
+
+def peft_logits(base, folder):
+    from peft import PeftModel
+
+    warnings.filterwarnings("ignore")
+    model = PeftModel.from_pretrained(resolve(str(base)).load(dtype=torch.float32), folder)
+    return logits(model.eval())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dora", [False, True])
+def test_export_loads_in_peft_with_same_logits(tiny_llama, tmp_path, method, dora):
+    ad_dir = make_adapter(tiny_llama, tmp_path / "ad", method=method, dora=dora,
+                          rank_pattern="mlp=2")
+    code, _, err = run_cli(["export", str(ad_dir), "--format", "peft", "-o", str(tmp_path / "p"),
+                            "-q"])
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"]
+    keys = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj"
+    a, b = keys[f"base_model.model.{name}.lora_A.weight"], keys[f"base_model.model.{name}.lora_B.weight"]
+    k = 4 if method == "lora" else 8  # rank r, or 2r for the methods with θ₀ terms
+    assert a.shape == (k, 32) and b.shape[1] == k
+    assert (f"base_model.model.{name}.lora_magnitude_vector" in keys) == dora
+    ad = load_adapter(ad_dir)
+    ref = logits(attach(resolve(str(tiny_llama)).load(dtype=torch.float32), ad))
+    assert (peft_logits(tiny_llama, tmp_path / "p") - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method,dora", [("lora", False), ("pissa", True), ("delora", False)])
+def test_export_gpt2_conv1d(tiny_gpt2, tmp_path, method, dora):
+    ad = load_adapter(make_adapter(tiny_gpt2, tmp_path / "ad", method=method, dora=dora))
+    code, _, err = run_cli(["export", str(ad.path), "-o", str(tmp_path / "p"), "-q"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["fan_in_fan_out"]
+    ref = logits(attach(resolve(str(tiny_gpt2)).load(dtype=torch.float32), ad))
+    assert (peft_logits(tiny_gpt2, tmp_path / "p") - ref).abs().max() <= 1e-5
+
+
+def test_export_then_import_merges_like_the_original(tiny_llama, tmp_path):
+    ad_dir = make_adapter(tiny_llama, tmp_path / "ad", method="pissa", dora=True)
+    run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p"), "-q"])
+    imported = load_adapter(tmp_path / "p")
+    assert imported.config.source == "peft" and imported.config.dora
+    assert all(not m.fingerprint for m in imported.config.modules.values())
+    merge([load_adapter(ad_dir)], tmp_path / "m1", opts=MergeOptions(verify=False))
+    merge([imported], tmp_path / "m2", base=str(tiny_llama))
+    a = load_file(str(tmp_path / "m1" / "model.safetensors"))
+    b = load_file(str(tmp_path / "m2" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_import_refuses_other_types_and_pickle(tiny_llama, tmp_path):
+    ad_dir = make_adapter(tiny_llama, tmp_path / "ad")
+    run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p"), "-q"])
+    cfg_path = tmp_path / "p" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    code, _, err = run_cli(["merge", str(tmp_path / "p"), "--base", str(tiny_llama), "-o",
+                            str(tmp_path / "m")])
+    assert code == 1 and "IA3" in err and err.count("\n") == 1
+    cfg_path.write_text(json.dumps(cfg))
+    (tmp_path / "p" / "adapter_model.safetensors").rename(tmp_path / "p" / "adapter_model.bin")
+    code, _, err = run_cli(["merge", str(tmp_path / "p"), "--base", str(tiny_llama), "-o",
+                            str(tmp_path / "m")])
+    assert code == 1 and "adapter_model.bin" in err and "unpickle" in err
+    (tmp_path / "p" / "adapter_model.bin").unlink()
+    save_file({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(2, 3)},
+              str(tmp_path / "p" / "adapter_model.safetensors"))
+    code, _, err = run_cli(["merge", str(tmp_path / "p"), "--base", str(tiny_llama), "-o",
+                            str(tmp_path / "m")])
+    assert code == 1 and "not a LoRA factor" in err
+
+
+def test_export_usage(tiny_llama, tmp_path):
+    ad_dir = make_adapter(tiny_llama, tmp_path / "ad")
+    code, _, err = run_cli(["export", str(ad_dir), "--format", "gguf", "-o", str(tmp_path / "p")])
+    assert code == 2
+    (tmp_path / "p").mkdir()
+    code, _, err = run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p")])
+    assert code == 1 and "--force" in err
+    code, out, err = run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p"), "--force", "--json"])
+    assert code == 0 and json.loads(out)["modules"] == 14
