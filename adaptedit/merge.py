@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from adaptedit.adapter import (Adapter, base_for, check_base, check_weight, lowrank_delta,
-                               write_atomic_dir)
+                               module_target, write_atomic_dir)
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.methods import dora
 from adaptedit.models import TOKENIZER_FILES, ModelSource
@@ -253,7 +253,8 @@ def module_merged(adapter: Adapter, name: str, w: torch.Tensor) -> torch.Tensor 
             return None
         return dora.merged(w, lowrank_delta(adapter.terms(name)),
                            adapter.tensors[name]["magnitude"].float())
-    return w + adapter.delta_w(name, w)
+    d = adapter.delta_w(name, w)  # a fresh float32 tensor: add W into it in place (no copy)
+    return d.add_(w)  # ΔW + W = W + ΔW bit for bit (addition is commutative in IEEE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,13 +275,19 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
         raise AdapteditError(f"{out}: already exists; pass --force to replace it")
     weights = validate_options(adapters, opts)
     check_same_base(adapters)
+    for ad in adapters:
+        for name, ts in ad.tensors.items():
+            bad = [k for k, v in ts.items() if not torch.isfinite(v).all()]
+            if bad:
+                raise AdapteditError(f"adapter {ad.path}: {name}.{bad[0]} has NaN or Inf; "
+                                     "the adapter is broken (diverged training?)")
     source = (resolve(base, trust_remote_code=trust_remote_code) if base
               else base_for(adapters[0], None))
     ckpt = source.checkpoint
     # key -> [(adapter index, module name, Target)]
     plan: dict[str, list] = {}
     for i, ad in enumerate(adapters):
-        found = check_base(ad, source, verify_weights=False)
+        found = _targets(ad, source)
         for name in ad.names:
             t = found[name]
             plan.setdefault(t.key, []).append((i, name, t))
@@ -349,6 +356,28 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
     return result
 
 
+def _targets(adapter: Adapter, source: ModelSource) -> dict:
+    """{module: Target} from the adapter's record checked against the checkpoint headers.
+
+    Native adapters record each weight's checkpoint key, so no transformers model is built (that
+    import alone costs seconds). When a key is not in the checkpoint (e.g. a PEFT adapter whose
+    module names differ from the keys by the model's prefix), the module tree decides.
+    """
+    ckpt = source.checkpoint
+    found = {}
+    for name, info in adapter.config.modules.items():
+        if info.key not in ckpt:
+            return check_base(adapter, source, verify_weights=False)
+        stored = tuple(ckpt.shape(info.key))
+        expect = tuple(info.shape) if info.kind == "linear" else tuple(info.shape[::-1])
+        if stored != expect:
+            raise AdapteditError(f"adapter {adapter.path}: {name} is {info.shape[0]}×{info.shape[1]}"
+                                 f" but {info.key} of base {source.ref} is stored as "
+                                 f"{'×'.join(map(str, stored))}; was it made for another model?")
+        found[name] = module_target(name, info)
+    return found
+
+
 def _merge_tensor(adapters, entries, raw, key, weights, opts, base_ref, dtype) -> torch.Tensor:
     kind = entries[0][2].kind
     for i, name, _ in entries:
@@ -367,11 +396,7 @@ def _merge_tensor(adapters, entries, raw, key, weights, opts, base_ref, dtype) -
         new = None if d is None else w + d
     if new is None:
         return raw if raw.dtype == dtype else raw.to(dtype)
-    merged = from_w(new, kind).to(dtype)
-    if not torch.isfinite(merged).all():
-        raise AdapteditError(f"merged weight {key} has NaN or Inf (adapter values too large for "
-                             f"{DTYPE_NAMES.get(dtype, dtype)}?); try --dtype fp32")
-    return merged
+    return from_w(new, kind).to(dtype)
 
 
 def _write_side_files(source: ModelSource, tmp: Path, dtype: torch.dtype) -> None:
