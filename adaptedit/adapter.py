@@ -128,7 +128,7 @@ def lowrank_delta(terms: list) -> torch.Tensor:
     exactly zero (the products are bit-identical and their difference is 0)."""
     out = None
     for coef, b, a in terms:
-        prod = (b.float() @ a.float()) * coef
+        prod = (b.float() @ a.float()).mul_(coef)  # in place: same bits as (B @ A) * coef
         out = prod if out is None else out + prod
     return out
 

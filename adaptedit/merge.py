@@ -394,6 +394,7 @@ def _merge_tensor(adapters, entries, raw, key, weights, opts, base_ref, dtype) -
         else:
             d = combine(deltas, weights, opts.combine, opts.density, opts.seed, key)
         new = None if d is None else w + d
+    del w  # keep the peak at raw + one float32 copy + the output
     if new is None:
         return raw if raw.dtype == dtype else raw.to(dtype)
     return from_w(new, kind).to(dtype)
