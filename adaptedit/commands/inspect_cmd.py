@@ -1,0 +1,197 @@
+"""`adaptedit inspect`: the geometry of an update, per module, per layer, for the whole model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from adaptedit import console
+from adaptedit.commands.common import JSON, QUIET, TARGETS, TRUST
+from adaptedit.errors import UsageError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)
+
+
+# (column title, record key, format)
+COLUMNS = [
+    ("module", "name", None), ("k", "k", "d"), ("‖ΔW‖", "fro", ".3g"), ("rel", "rel", ".3g"),
+    ("σ₁", "spectral", ".3g"), ("ΔM", "delta_m", ".3g"), ("ΔD", "delta_d", ".3g"),
+    ("E_top out/in", ("e_top_out", "e_top_in"), ".2f"),
+    ("E_bot out/in", ("e_bottom_out", "e_bottom_in"), ".2f"),
+    ("φ", "phi", ".2f"), ("θ min°", "angle_min", ".0f"), ("ampl", "amplification", ".3g"),
+    ("eff rank", "effective_rank", ".1f"), ("stable", "stable_rank", ".2f"),
+    ("r90/r99", ("energy_rank_90", "energy_rank_99"), "d"), ("intr", "intruders", "d"),
+]
+SUMMARY = [("‖ΔW‖", "fro", ".3g"), ("rel", "rel", ".3g"), ("ΔM", "delta_m", ".3g"),
+           ("ΔD", "delta_d", ".3g"), ("E_top", "e_top", ".2f"), ("E_bottom", "e_bottom", ".2f"),
+           ("eff rank", "effective_rank", ".1f"), ("intr", "intruders", "d")]
+
+
+def _fmt(v, f) -> str:
+    if v is None:
+        return "–"
+    if f is None:
+        return str(v)
+    if f == "d":
+        return str(int(v))
+    return format(v, f)
+
+
+def _cell(rec: dict, key, f) -> str:
+    if isinstance(key, tuple):
+        return "/".join(_fmt(rec.get(k), f) for k in key)
+    return _fmt(rec.get(key), f)
+
+
+def module_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for col, _, f in COLUMNS:
+        table.add_column(col, justify="left" if f is None else "right")
+    for r in rows:
+        cells = [_cell(r, key, f) for _, key, f in COLUMNS]
+        table.add_row(*cells, style="dim" if r["zero"] else None)
+    return table
+
+
+def summary_table(report: dict) -> Table:
+    """Layer × module type: ‖ΔW‖ (rel) with E_top, and the per-type and model totals."""
+    modules = report["modules"]
+    types = list(dict.fromkeys(r["type"] for r in modules))
+    layers = sorted({r["layer"] for r in modules if r["layer"] is not None})
+    cell = {(r["layer"], r["type"]): r for r in modules}
+    table = Table(title="layer × module type: ‖ΔW‖/‖W₀‖ · E_top")
+    table.add_column("layer", justify="right")
+    for t in types:
+        table.add_column(t, justify="right")
+    table.add_column("all", justify="right", style="bold")
+    for layer in layers:
+        row = [str(layer)]
+        for t in types:
+            r = cell.get((layer, t))
+            row.append("" if r is None else "0" if r["zero"] else
+                       f"{_fmt(r['rel'], '.2g')} · {_fmt(r['e_top'], '.2f')}")
+        agg = report["by_layer"].get(str(layer), {})
+        row.append(f"{_fmt(agg.get('rel'), '.2g')} · {_fmt(agg.get('e_top'), '.2f')}")
+        table.add_row(*row)
+    row = ["all"]
+    for t in types:
+        agg = report["by_type"][t]
+        row.append(f"{_fmt(agg.get('rel'), '.2g')} · {_fmt(agg.get('e_top'), '.2f')}")
+    m = report["model"]
+    row.append(f"{_fmt(m.get('rel'), '.2g')} · {_fmt(m.get('e_top'), '.2f')}")
+    table.add_row(*row, style="bold")
+    return table
+
+
+def type_table(report: dict) -> Table:
+    table = Table(title="per module type and whole model")
+    table.add_column("group")
+    table.add_column("n", justify="right")
+    for col, _, _ in SUMMARY:
+        table.add_column(col, justify="right")
+    table.add_column("corr(ΔD,ΔM)", justify="right")
+    corr = report["md"]["correlation"]
+    for t, agg in report["by_type"].items():
+        table.add_row(t, str(agg["modules"]), *[_fmt(agg.get(k), f) for _, k, f in SUMMARY],
+                      _fmt(corr["by_type"].get(t), "+.2f"))
+    m = report["model"]
+    table.add_row("model", str(m["modules"]), *[_fmt(m.get(k), f) for _, k, f in SUMMARY],
+                  _fmt(corr["mean"], "+.2f"), style="bold")
+    return table
+
+
+def inspect(
+    adapters: list[Path] = typer.Argument(None, help="Adapter folder(s): adaptedit or PEFT. Several: compare their (ΔD, ΔM)."),
+    base: str = typer.Option(None, "--base", "-b", help="Base model (default: the one the adapter records)."),
+    tuned: str = typer.Option(None, "--tuned", help="A second checkpoint: analyse ΔW = tuned − base (no adapter)."),
+    trajectory: bool = typer.Option(False, "--trajectory", help="Follow the checkpoints saved during training."),
+    targets: str = TARGETS,
+    k: int = typer.Option(None, "--k", help="Subspace size k (default: the adapter's rank; 16 for two checkpoints)."),
+    intruder_k: int = typer.Option(10, "--intruder-k", help="Top singular vectors of W₁ tested as intruders."),
+    intruder_eps: float = typer.Option(0.5, "--intruder-eps", help="Intruder threshold on the best |cos| with W₀'s vectors."),
+    svd: str = typer.Option("auto", "--svd", help="W₀'s SVD: auto (exact up to 2048), full or randomized."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the randomized SVD."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the SVD cache."),
+    sort: str = typer.Option(None, "--sort", help="Sort modules by a metric (descending): fro, rel, e_top, delta_d, intruders ..."),
+    top: int = typer.Option(None, "--top", help="Show only the first N modules (by --sort, else by ‖ΔW‖)."),
+    plot: Path = typer.Option(None, "--plot", help="Write PNG plots to this folder (needs matplotlib)."),
+    html: Path = typer.Option(None, "--html", help="Write one self-contained HTML report."),
+    json_: bool = JSON,
+    quiet: bool = QUIET,
+    trust_remote_code: bool = TRUST,
+):
+    """What the update did: size, magnitude vs direction, subspaces, rank, intruder dimensions."""
+    from adaptedit import inspect as I
+
+    console.configure(quiet=quiet, json_mode=json_)
+    adapters = adapters or []
+    if tuned is not None and adapters:
+        raise UsageError("give either ADAPTER_DIR or --tuned (with --base), not both")
+    if tuned is None and not adapters:
+        raise UsageError("give an ADAPTER_DIR, or --base MODEL --tuned MODEL")
+    if tuned is not None and trajectory:
+        raise UsageError("--trajectory follows an adapter's checkpoints; it needs ADAPTER_DIR")
+    if top is not None and top <= 0:
+        raise UsageError(f"--top {top}: must be a positive integer")
+    if sort and sort not in I.NUMERIC:
+        raise UsageError(f"--sort {sort!r}: choose one of {', '.join(I.NUMERIC)}")
+    if plot is not None or html is not None:
+        from adaptedit.report import require_matplotlib
+
+        require_matplotlib()
+    opts = I.Options(targets=targets, k=k, intruder_k=intruder_k, intruder_eps=intruder_eps,
+                     svd=svd, seed=seed, cache=not no_cache)
+    with console.progress(transient=True) as bar:
+        if tuned is not None:
+            report = I.inspect_checkpoints(base, tuned, opts=opts, progress=bar,
+                                           trust_remote_code=trust_remote_code)
+        else:
+            report = I.inspect_adapters(adapters, base=base, opts=opts, trajectory=trajectory,
+                                        progress=bar, trust_remote_code=trust_remote_code)
+    written = []
+    if plot is not None:
+        from adaptedit.report import write_plots
+
+        written += [str(p) for p in write_plots(report, plot)]
+    if html is not None:
+        from adaptedit.report import write_html
+
+        write_html(report, html)
+        written.append(str(html))
+    if json_:
+        report["written"] = written
+        console.emit_json(report)
+        return
+    what = (f"{report['tuned']['ref']} − {report['base']['ref']}" if report["tuned"]
+            else f"{report['adapter']['path']} on {report['base']['ref']}")
+    rows = I.sort_modules(report["modules"], sort, top)
+    shown = f" (top {len(rows)} by {sort or 'fro'})" if top else ""
+    console.show(module_table(rows, f"inspect {what}{shown}"))
+    if any(r["layer"] is not None for r in report["modules"]):
+        console.show(summary_table(report))
+    console.show(type_table(report))
+    extras = [r for r in report["modules"] if r["method"]]
+    if extras:
+        console.show(_method_line(report, extras))
+    for n in report["notes"]:
+        console.note(n)
+    for p in written:
+        console.note(f"wrote {p}")
+    console.show(f"[bold]verdict:[/] {report['verdict']}")
+
+
+def _method_line(report: dict, rows: list[dict]) -> str:
+    parts = []
+    fr = [r["method"]["delora_fraction"] for r in rows if r["method"].get("delora_fraction") is not None]
+    if fr:
+        parts.append(f"DeLoRA: ‖ΔW‖_F / bound (λ+λ₀)·max‖W[:,j]‖ = {sum(fr) / len(fr):.3f} mean, "
+                     f"{max(fr):.3f} max")
+    dm = [r["method"]["dora_magnitude_rel"] for r in rows
+          if r["method"].get("dora_magnitude_rel") is not None]
+    if dm:
+        parts.append(f"DoRA: ‖m − m₀‖/‖m₀‖ = {sum(dm) / len(dm):.3g} mean, {max(dm):.3g} max")
+    return "; ".join(parts)

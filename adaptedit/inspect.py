@@ -1,0 +1,600 @@
+"""`adaptedit inspect`: what an update did to each weight, in geometric terms (DESIGN §4).
+
+Three sources of ΔW = W₁ − W₀, one analysis (:func:`analyze_module`, on :mod:`adaptedit.geometry`):
+
+- an adapter (native or PEFT) on its base: ΔW = P @ Q from ``Adapter.factors`` (never formed
+  densely; its SVD comes from the factors), or the dense ΔW for DoRA, whose update is not low-rank;
+- two checkpoints (``--base``, ``--tuned``): ΔW dense, streamed one tensor pair at a time;
+- the checkpoints an adapter saved during training (``--trajectory``), or several adapters: the
+  cheap metrics (‖ΔW‖, ΔM, ΔD) at every point, the full analysis of the first adapter.
+
+W₀'s SVD is computed once per base weight and cached in ``cache_dir()/svd/`` (safetensors, keyed
+by the weight's fingerprint): exact and complete (float64 SVD, stored in float32) up to
+min(out, in) = ``EXACT_MAX``, a seeded randomized top-k beyond (bottom-k energies are then not
+available and intruder counts are upper bounds; the accuracy of the sketch is reported).
+
+The result is one JSON-ready dict (schema in docs/inspect.md, version ``SCHEMA_VERSION``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from adaptedit import __version__
+from adaptedit import geometry as G
+from adaptedit.errors import AdapteditError, UsageError
+from adaptedit.targets import Target, select, to_w
+
+SCHEMA = "adaptedit.inspect"
+SCHEMA_VERSION = 1
+EXACT_MAX = 2048  # min(out, in) up to which W₀'s SVD is exact and complete
+SPECTRUM_MAX = 64  # singular values per module kept in the report
+CHECKPOINT_K = 16  # default k when ΔW comes from two checkpoints (no adapter rank)
+# metrics aggregated by layer / module type / model: energy-weighted ones use ‖ΔW‖² as weight
+WEIGHTED = ("e_top_out", "e_top_in", "e_bottom_out", "e_bottom_in", "e_top", "e_bottom")
+MEANS = ("delta_m", "delta_d", "phi", "amplification", "effective_rank", "stable_rank",
+         "energy_rank_90", "energy_rank_99", "spectral")
+NUMERIC = ("fro", "rel", "spectral", "delta_m", "delta_d", "e_top", "e_bottom", "e_top_out",
+           "e_top_in", "e_bottom_out", "e_bottom_in", "e_random", "phi", "angle_min", "angle_mean",
+           "amplification", "effective_rank", "stable_rank", "energy_rank_90", "energy_rank_99",
+           "intruders", "layer", "k")
+
+
+@dataclass
+class Options:
+    targets: str | None = None
+    k: int | None = None  # None: the adapter's rank of each module (CHECKPOINT_K for checkpoints)
+    intruder_k: int = 10
+    intruder_eps: float = 0.5
+    svd: str = "auto"  # auto | full | randomized (W₀'s SVD)
+    seed: int = 0
+    cache: bool = True
+
+    def validate(self) -> None:
+        if self.k is not None and self.k <= 0:
+            raise UsageError(f"--k {self.k}: must be a positive integer")
+        if self.intruder_k <= 0:
+            raise UsageError(f"--intruder-k {self.intruder_k}: must be a positive integer")
+        if not (0.0 < self.intruder_eps <= 1.0):
+            raise UsageError(f"--intruder-eps {self.intruder_eps:g}: must be in (0, 1]")
+        if self.svd not in ("auto", "full", "randomized"):
+            raise UsageError(f"--svd {self.svd!r}: use auto, full or randomized")
+
+
+# ----------------------------------------------------------------------------------------------
+# W₀'s SVD, cached per base weight
+
+
+def svd_cache_path(fp: str, kind: str, tag: str) -> Path:
+    from adaptedit.models import cache_dir
+
+    return cache_dir() / "svd" / f"{fp}-{kind}-{tag}.safetensors"
+
+
+def base_svd(raw: torch.Tensor, kind: str, w: torch.Tensor, *, mode: str = "auto", need: int = 16,
+             seed: int = 0, cache: bool = True) -> dict:
+    """W₀ = U S Vh for one base weight (``raw`` as stored, ``w`` = W₀ out × in, float32).
+
+    Returns {"u", "s", "vh" (float32), "complete": bool, "kind": "full"|"randomized",
+    "accuracy": {...} or None, "cached": bool}. ``need`` is the rank the caller needs from a
+    randomized SVD (k and the intruder k).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from adaptedit.linalg import fingerprint, randomized_svd
+
+    m = min(w.shape)
+    full = mode == "full" or (mode == "auto" and m <= EXACT_MAX)
+    rank = m if full else min(m, max(need, 64))
+    fp = fingerprint(raw)
+    tag = "full" if full else f"rand{rank}-s{seed}"
+    path = svd_cache_path(fp, kind, tag)
+    if cache and path.exists():
+        try:
+            t = load_file(str(path))
+            if t["u"].shape == (w.shape[0], rank) and t["vh"].shape == (rank, w.shape[1]):
+                return _svd_record(t, full, cached=True)
+        except (SafetensorError, OSError, KeyError, Exception):
+            pass  # a damaged cache entry is recomputed and replaced
+    if full:
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        t = {"u": u.float(), "s": s.float(), "vh": vh.float()}
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        u, s, vh = randomized_svd(w.double(), rank, niter=4, oversample=8, generator=gen)
+        resid = torch.linalg.vector_norm(w.double().T @ u - vh.T * s, dim=0) / s.clamp_min(1e-300)
+        total = float(w.double().pow(2).sum())
+        t = {"u": u.float(), "s": s.float(), "vh": vh.float(),
+             "captured": torch.tensor([float((s ** 2).sum()) / total if total > 0 else 1.0]),
+             "residual": torch.tensor([float(resid.max())])}
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in t.items()}, tmp, metadata={"format": "pt"})
+            os.replace(tmp, path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)  # a read-only cache only costs time
+    return _svd_record(t, full, cached=False)
+
+
+def _svd_record(t: dict, full: bool, cached: bool) -> dict:
+    acc = None
+    if not full:
+        acc = {"captured_energy": float(t["captured"][0]), "max_residual": float(t["residual"][0])}
+    return {"u": t["u"], "s": t["s"], "vh": t["vh"], "complete": full,
+            "kind": "full" if full else "randomized", "accuracy": acc, "cached": cached}
+
+
+# ----------------------------------------------------------------------------------------------
+# one module
+
+
+def analyze_module(w0: torch.Tensor, svd0: dict, *, p: torch.Tensor | None = None,
+                   q: torch.Tensor | None = None, dense: torch.Tensor | None = None, k: int,
+                   intruder_k: int = 10, eps: float = 0.5) -> dict:
+    """Every metric of one module. ΔW is P @ Q (low-rank, never formed) or ``dense``; W₀ is
+    (out × in) float32 and ``svd0`` its SVD from :func:`base_svd`. float64 throughout."""
+    out_f, in_f = w0.shape
+    m = min(out_f, in_f)
+    w0d = w0.double()
+    w0_norm = float(torch.linalg.matrix_norm(w0d))
+    u_d, s_d, vh_d = G.delta_svd(p, q, dense=dense)
+    fro = float(s_d.norm())
+    rec = {"fro": fro, "rel": fro / w0_norm if w0_norm > 0 else None,
+           "spectral": float(s_d[0]) if s_d.numel() else 0.0, "w0_fro": w0_norm}
+    if fro == 0.0:
+        return {**rec, **_empty()}
+    if dense is not None:
+        rec["delta_m"], rec["delta_d"] = G.magnitude_direction(w0d, w0d + dense.double())
+    else:
+        rec["delta_m"], rec["delta_d"] = G.magnitude_direction_lowrank(w0d, p, q)
+
+    # where the update lives: W₀'s top-k and bottom-k singular subspaces, both sides
+    u0, s0, vh0 = svd0["u"].double(), svd0["s"].double(), svd0["vh"].double()
+    kk = min(k, u0.shape[1])
+    v_d = vh_d.T
+    rec["e_top_out"] = G.subspace_energy(u0[:, :kk], u_d, s_d)
+    rec["e_top_in"] = G.subspace_energy(vh0[:kk].T, v_d, s_d)
+    if svd0["complete"]:
+        rec["e_bottom_out"] = G.subspace_energy(u0[:, m - k:], u_d, s_d)
+        rec["e_bottom_in"] = G.subspace_energy(vh0[m - k:].T, v_d, s_d)
+    else:
+        rec["e_bottom_out"] = rec["e_bottom_in"] = None
+    rec["e_top"] = max(rec["e_top_out"], rec["e_top_in"])
+    rec["e_bottom"] = (max(rec["e_bottom_out"], rec["e_bottom_in"])
+                       if rec["e_bottom_out"] is not None else None)
+    rec["e_random"] = k / m  # what an isotropic random update would put in a k-dim subspace
+
+    # ΔW's own leading subspace against W₀'s
+    r_num = G.numerical_rank(s_d, w0.shape)
+    kd = max(1, min(k, r_num))
+    angles = G.principal_angles(u_d[:, :kd], u0[:, :kk])
+    rec["angles_deg"] = [float(a) for a in angles]
+    rec["angle_min"] = float(angles.min())
+    rec["angle_mean"] = float(angles.mean())
+    rec["phi"] = G.subspace_similarity(u_d[:, :kd], u0[:, :kk])
+    rec["amplification"] = G.amplification(w0d, u_d[:, :kd], s_d[:kd], vh_d[:kd])
+    rec["numerical_rank"] = r_num
+    rec.update(G.rank_stats(s_d[:max(r_num, 1)]))
+
+    # intruder dimensions: W₁'s top singular vectors against all of W₀'s
+    ik = min(intruder_k, m)
+    if dense is not None:
+        start = torch.cat([u0[:, :ik + 8], u_d[:, :min(ik + 8, u_d.shape[1])]], dim=1)
+        u1, s1 = G.top_left_singular(w0d + dense.double(), ik, start[:, :out_f])
+    else:
+        start = torch.cat([u0[:, :ik + 8], p.double()], dim=1)
+        u1, s1 = G.top_left_singular(w0d, ik, start[:, :out_f], p=p, q=q)
+    count, best = G.intruders(u1, u0, eps)
+    rec["intruders"] = count
+    rec["intruder_cos"] = best
+    rec["intruders_exact"] = bool(svd0["complete"])
+    rec["spectrum_delta"] = [float(x) for x in s_d[:SPECTRUM_MAX]]
+    return rec
+
+
+def zero_record(w0: torch.Tensor) -> dict:
+    """The record of a module whose ΔW is exactly zero."""
+    return {"fro": 0.0, "rel": 0.0, "spectral": 0.0,
+            "w0_fro": float(torch.linalg.matrix_norm(w0.double())), **_empty()}
+
+
+def _empty() -> dict:
+    """Metrics of an exactly zero update: nothing to locate, rank 0, no intruders."""
+    return {"delta_m": 0.0, "delta_d": 0.0, "e_top_out": None, "e_top_in": None,
+            "e_bottom_out": None, "e_bottom_in": None, "e_top": None, "e_bottom": None,
+            "e_random": None, "angles_deg": [], "angle_min": None, "angle_mean": None,
+            "phi": None, "amplification": None, "numerical_rank": 0, "effective_rank": 0.0,
+            "stable_rank": 0.0, "energy_rank_90": 0, "energy_rank_99": 0, "intruders": 0,
+            "intruder_cos": [], "intruders_exact": True, "spectrum_delta": []}
+
+
+def zero_update(adapter, name: str) -> bool:
+    """True when θ = θ₀ for every trainable tensor: ΔW = F(W, θ₀) − W = 0 exactly by construction
+    (for plain LoRA, B = 0 is enough)."""
+    t = adapter.tensors[name]
+    for key in adapter.trainable_names():
+        if f"{key}0" in t:
+            if not torch.equal(t[key], t[f"{key}0"]):
+                return False
+        elif key == "lora_B":
+            if torch.count_nonzero(t[key]):
+                return False
+        elif key == "lora_A" and "lora_B0" not in t:
+            continue  # plain LoRA: with B = 0, A does not matter
+        else:
+            return False  # e.g. an imported DoRA magnitude with no θ₀ to compare to
+    return True
+
+
+def method_extras(adapter, name: str, fro: float) -> dict:
+    """DeLoRA's bound and how close ‖ΔW‖_F is to it; DoRA's magnitude change."""
+    cfg, t, out = adapter.config, adapter.tensors[name], {}
+    if cfg.method == "delora":
+        from adaptedit.methods.delora import bound
+
+        b = bound(t)
+        out["delora_bound"] = b
+        out["delora_fraction"] = fro / b if b > 0 else None
+    if cfg.dora and "magnitude" in t:
+        m = t["magnitude"].double()
+        m0 = t["magnitude0"].double() if "magnitude0" in t else None
+        if m0 is not None:
+            out["dora_magnitude_mean_abs"] = float((m - m0).abs().mean())
+            out["dora_magnitude_rel"] = float((m - m0).norm() / m0.norm()) if m0.norm() > 0 else None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregation and verdict
+
+
+def aggregate(records: list[dict]) -> dict:
+    """Whole-group figures: ‖ΔW‖ summed in quadrature, subspace energies weighted by ‖ΔW‖²,
+    the other metrics averaged over the modules that have them, intruders summed."""
+    sq = sum(r["fro"] ** 2 for r in records)
+    w0sq = sum(r["w0_fro"] ** 2 for r in records)
+    out = {"modules": len(records), "zero": sum(1 for r in records if r["zero"]),
+           "fro": math.sqrt(sq), "rel": math.sqrt(sq / w0sq) if w0sq > 0 else None,
+           "intruders": sum(r["intruders"] for r in records)}
+    for key in WEIGHTED:
+        pairs = [(r[key], r["fro"] ** 2) for r in records if r.get(key) is not None]
+        wsum = sum(w for _, w in pairs)
+        out[key] = sum(v * w for v, w in pairs) / wsum if wsum > 0 else None
+    for key in MEANS:
+        vals = [r[key] for r in records if r.get(key) is not None and not r["zero"]]
+        out[key] = sum(vals) / len(vals) if vals else None
+    rand = [r["e_random"] for r in records if r.get("e_random") is not None]
+    out["e_random"] = sum(rand) / len(rand) if rand else None
+    return out
+
+
+def group(records: list[dict], key: str) -> dict:
+    groups: dict = {}
+    for r in records:
+        groups.setdefault(r[key], []).append(r)
+    return {str(k): aggregate(v) for k, v in groups.items()}
+
+
+def verdict(model: dict, mode: str) -> str:
+    """One plain-language line about the whole update."""
+    n, zero = model["modules"], model["zero"]
+    if zero == n:
+        what = "untrained adapter" if mode != "checkpoints" else "identical checkpoints"
+        return f"{what}: ΔW = 0 exactly in all {n} modules (nothing to analyse)"
+    parts = []
+    et, eb, er = model.get("e_top"), model.get("e_bottom"), model.get("e_random") or 0.0
+    side = lambda a, b: "input" if (model.get(b) or 0) > (model.get(a) or 0) else "output"  # noqa
+    if et is not None and et >= 0.5 and (eb is None or et >= eb):
+        parts.append(f"update concentrated in the principal subspace (E_top = {et:.2f}, "
+                     f"{side('e_top_out', 'e_top_in')} side)")
+    elif eb is not None and eb >= 0.5:
+        parts.append(f"update concentrated in the minor subspace (E_bottom = {eb:.2f}, "
+                     f"{side('e_bottom_out', 'e_bottom_in')} side)")
+    elif et is not None:
+        eb_txt = f", E_bottom = {eb:.2f}" if eb is not None else ""
+        parts.append(f"update spread across the spectrum (E_top = {et:.2f}{eb_txt}; a random "
+                     f"update puts ≈ {er:.2f} in each)")
+    if model.get("intruders"):
+        parts.append(f"{model['intruders']} intruder dimension(s)")
+    if model.get("rel") is not None:
+        parts.append(f"‖ΔW‖/‖W₀‖ = {model['rel']:.3g}")
+    if zero:
+        parts.append(f"{zero} of {n} modules unchanged (ΔW = 0 exactly)")
+    return "; ".join(parts)
+
+
+def md_correlation(points: list[dict]) -> dict:
+    """corr(ΔD, ΔM) per module type over the points (layers × steps), and their mean."""
+    by_type: dict = {}
+    for pt in points:
+        if pt["fro"] > 0:
+            by_type.setdefault(pt["type"], []).append(pt)
+    corr = {t: G.pearson([p["delta_d"] for p in ps], [p["delta_m"] for p in ps])
+            for t, ps in by_type.items()}
+    vals = [c for c in corr.values() if c is not None]
+    return {"by_type": corr, "mean": sum(vals) / len(vals) if vals else None,
+            "reference": {"full_ft": -0.62, "dora": -0.31, "lora": 0.83}}
+
+
+# ----------------------------------------------------------------------------------------------
+# sources of ΔW
+
+
+def _module_header(t: Target) -> dict:
+    return {"name": t.name, "type": t.module_type, "layer": t.layer,
+            "shape": [t.out_features, t.in_features]}
+
+
+def _check_k(opts: Options, t: Target, default: int) -> int:
+    k = opts.k if opts.k is not None else default
+    m = min(t.out_features, t.in_features)
+    if k > m:
+        if opts.k is None:
+            return m
+        raise UsageError(f"--k {k} exceeds min(out, in) = {m} of {t.name} "
+                         f"({t.out_features}×{t.in_features}); use --k ≤ {m}")
+    return k
+
+
+def _w0(ckpt, t: Target, ref: str) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = ckpt.get(t.key)
+    w = to_w(raw, t.kind).float()
+    if not torch.isfinite(w).all():
+        raise AdapteditError(f"{ref}: weight {t.key} contains NaN or Inf; the checkpoint is damaged")
+    return raw, w
+
+
+def _adapter_targets(adapter, spec: str | None) -> list[Target]:
+    from adaptedit.adapter import module_target
+
+    return select([module_target(n, i) for n, i in adapter.config.modules.items()], spec)
+
+
+def _check_finite(adapter) -> None:
+    for name, ts in adapter.tensors.items():
+        bad = [k for k, v in ts.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise AdapteditError(f"adapter {adapter.path}: {name}.{bad[0]} has NaN or Inf; "
+                                 "the adapter is broken (diverged training?)")
+
+
+def _adapter_delta(adapter, name: str, w: torch.Tensor) -> dict:
+    """The keyword arguments of :func:`analyze_module` for one adapter module (or None: ΔW = 0)."""
+    if zero_update(adapter, name):
+        return None
+    if adapter.config.dora:
+        return {"dense": adapter.delta_w(name, w)}  # DoRA: not low-rank
+    p, q = adapter.factors(name)
+    return {"p": p.double(), "q": q.double()}
+
+
+def _cheap_point(w: torch.Tensor, delta: dict | None) -> dict:
+    """‖ΔW‖_F, ΔM, ΔD for one trajectory point."""
+    if delta is None:
+        return {"fro": 0.0, "delta_m": 0.0, "delta_d": 0.0}
+    wd = w.double()
+    if "dense" in delta:
+        d = delta["dense"].double()
+        dm, dd = G.magnitude_direction(wd, wd + d)
+        return {"fro": float(d.norm()), "delta_m": dm, "delta_d": dd}
+    p, q = delta["p"], delta["q"]
+    dm, dd = G.magnitude_direction_lowrank(wd, p, q)
+    fro = math.sqrt(max(float(((p.T @ p) * (q @ q.T)).sum()), 0.0))  # ‖PQ‖²_F = tr(PᵀP QQᵀ)
+    return {"fro": fro, "delta_m": dm, "delta_d": dd}
+
+
+def checkpoint_dirs(folder: Path) -> list[Path]:
+    """ADAPTER_DIR/checkpoints/step-NNNNNN folders that hold a complete adapter, oldest first."""
+    from adaptedit.adapter import CONFIG_NAME, TENSORS_NAME
+
+    root = Path(folder) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d{6,}", p.name)
+             and (p / CONFIG_NAME).exists() and (p / TENSORS_NAME).exists()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | None = None,
+                     trajectory: bool = False, progress=None, trust_remote_code: bool = False
+                     ) -> dict:
+    """Analyse the first adapter in full; with ``trajectory`` (its training checkpoints) or several
+    adapters, also ‖ΔW‖, ΔM and ΔD at every point. Returns the report dict."""
+    from adaptedit.adapter import base_for, check_base, check_weight, load_adapter
+    from adaptedit.models import resolve
+
+    opts = opts or Options()
+    opts.validate()
+    start = time.perf_counter()
+    main = load_adapter(folders[0])
+    _check_finite(main)
+    points_src = []  # (label, step, Adapter)
+    if trajectory:
+        dirs = checkpoint_dirs(main.path)
+        if not dirs:
+            raise AdapteditError(f"{main.path}: no training checkpoints (checkpoints/step-NNNNNN/) "
+                                 "to follow; train with checkpoints or drop --trajectory")
+        for d in dirs:
+            points_src.append((d.name, int(d.name[5:]), load_adapter(d)))
+        last = points_src[-1][2]
+        if any(not torch.equal(v, last.tensors[n][k]) for n, ts in main.tensors.items()
+               if n in last.tensors for k, v in ts.items() if k in last.tensors[n]):
+            points_src.append(("final", None, main))
+    for f in folders[1:]:
+        points_src.append((str(f), None, load_adapter(f)))
+    if len(folders) > 1:
+        points_src.insert(0, (str(folders[0]), None, main))
+    for _, _, ad in points_src:
+        _check_finite(ad)
+        if set(ad.names) != set(main.names) and not trajectory:
+            pass  # adapters of other targets: compared on the modules they share
+    source = resolve(base, trust_remote_code=trust_remote_code) if base else base_for(main, None)
+    targets = _adapter_targets(main, opts.targets)
+    names = [t.name for t in targets]
+    found = check_base(main, source, names=names, verify_weights=False)
+    for _, _, ad in points_src:
+        shared = [n for n in names if n in ad.config.modules]
+        if shared:
+            check_base(ad, source, names=shared, verify_weights=False)
+    ckpt = source.checkpoint
+    records, points, notes = [], [], []
+    cache_hits = 0
+    task = progress.add_task("Inspecting", total=len(targets)) if progress else None
+    for t in targets:
+        info = main.config.modules[t.name]
+        bt = found[t.name]
+        raw, w = _w0(ckpt, bt, source.ref)
+        check_weight(main, t.name, raw, source.ref)
+        k = _check_k(opts, t, info.rank)
+        svd0 = base_svd(raw, bt.kind, w, mode=opts.svd, need=max(k, opts.intruder_k),
+                        seed=opts.seed, cache=opts.cache)
+        cache_hits += svd0["cached"]
+        delta = _adapter_delta(main, t.name, w)
+        if delta is None:
+            rec = zero_record(w)
+        else:
+            rec = analyze_module(w, svd0, k=k, intruder_k=opts.intruder_k,
+                                 eps=opts.intruder_eps, **delta)
+        rec = {**_module_header(t), "k": k, "zero": delta is None, **rec,
+               "spectrum_base": [float(x) for x in svd0["s"][:SPECTRUM_MAX]],
+               "base_svd": svd0["kind"], "method": method_extras(main, t.name, rec["fro"])}
+        if svd0["accuracy"]:
+            rec["base_svd_accuracy"] = svd0["accuracy"]
+        records.append(rec)
+        if points_src:
+            for label, step, ad in points_src:
+                if t.name not in ad.config.modules:
+                    continue
+                if ad is not main:
+                    check_weight(ad, t.name, raw, source.ref)
+                pt = _cheap_point(w, _adapter_delta(ad, t.name, w))
+                points.append({"label": label, "step": step, "module": t.name,
+                               "type": t.module_type, "layer": t.layer, **pt})
+        else:
+            points.append({"label": str(main.path), "step": None, "module": t.name,
+                           "type": t.module_type, "layer": t.layer, "fro": rec["fro"],
+                           "delta_m": rec["delta_m"], "delta_d": rec["delta_d"]})
+        if progress:
+            progress.advance(task)
+    cfg = main.config
+    mode = "trajectory" if trajectory else ("adapters" if len(folders) > 1 else "adapter")
+    report = _report(mode, records, points, opts, notes, start, cache_hits)
+    report["base"] = {"ref": source.ref, "path": str(source.path)}
+    report["adapter"] = {"path": str(main.path), "method": cfg.method, "dora": cfg.dora,
+                         "rank": cfg.rank, "alpha": cfg.alpha, "source": cfg.source,
+                         "training": cfg.training or None}
+    report["points_sources"] = [{"label": lb, "step": st, "path": str(ad.path)}
+                                for lb, st, ad in points_src]
+    return report
+
+
+def compare_checkpoints(base, tuned) -> None:
+    """Refuse checkpoints of different architectures or shapes, naming the first differing tensor."""
+    bc, tc = base.checkpoint, tuned.checkpoint
+    b_arch = getattr(base.config, "architectures", None)
+    t_arch = getattr(tuned.config, "architectures", None)
+    if b_arch and t_arch and b_arch != t_arch:
+        raise AdapteditError(f"--base {base.ref} is {b_arch[0]} but --tuned {tuned.ref} is "
+                             f"{t_arch[0]}; inspect compares two checkpoints of one architecture")
+    tkeys = set(tc.keys())
+    for key in sorted(bc.keys()):
+        if key not in tkeys:
+            raise AdapteditError(f"tensor {key} of --base {base.ref} is missing from --tuned "
+                                 f"{tuned.ref}; are they the same architecture?")
+        if bc.shape(key) != tc.shape(key):
+            raise AdapteditError(f"tensor {key} is {list(bc.shape(key))} in --base but "
+                                 f"{list(tc.shape(key))} in --tuned; not the same architecture")
+    extra = sorted(tkeys - set(bc.keys()))
+    if extra:
+        raise AdapteditError(f"tensor {extra[0]} of --tuned {tuned.ref} is not in --base {base.ref}")
+
+
+def inspect_checkpoints(base: str | None, tuned: str, *, opts: Options | None = None, progress=None,
+                        trust_remote_code: bool = False) -> dict:
+    """ΔW = W_tuned − W_base for every selected linear module, one tensor pair at a time."""
+    from adaptedit.models import resolve
+    from adaptedit.targets import adaptable
+
+    opts = opts or Options()
+    opts.validate()
+    start = time.perf_counter()
+    bsrc = resolve(base, trust_remote_code=trust_remote_code)
+    tsrc = resolve(tuned, trust_remote_code=trust_remote_code)
+    compare_checkpoints(bsrc, tsrc)
+    bc, tc = bsrc.checkpoint, tsrc.checkpoint
+    targets = select(adaptable(bsrc.meta_model(), bc.keys()), opts.targets)
+    records, points, cache_hits = [], [], 0
+    task = progress.add_task("Inspecting", total=len(targets)) if progress else None
+    for t in targets:
+        raw, w = _w0(bc, t, bsrc.ref)
+        _, w1 = _w0(tc, t, tsrc.ref)
+        k = _check_k(opts, t, CHECKPOINT_K)
+        svd0 = base_svd(raw, t.kind, w, mode=opts.svd, need=max(k, opts.intruder_k),
+                        seed=opts.seed, cache=opts.cache)
+        cache_hits += svd0["cached"]
+        d = w1 - w
+        del w1
+        zero = not bool(torch.count_nonzero(d))
+        rec = zero_record(w) if zero else analyze_module(
+            w, svd0, dense=d, k=k, intruder_k=opts.intruder_k, eps=opts.intruder_eps)
+        rec = {**_module_header(t), "k": k, "zero": zero, **rec,
+               "spectrum_base": [float(x) for x in svd0["s"][:SPECTRUM_MAX]],
+               "base_svd": svd0["kind"], "method": {}}
+        if svd0["accuracy"]:
+            rec["base_svd_accuracy"] = svd0["accuracy"]
+        records.append(rec)
+        points.append({"label": tsrc.ref, "step": None, "module": t.name, "type": t.module_type,
+                       "layer": t.layer, "fro": rec["fro"], "delta_m": rec["delta_m"],
+                       "delta_d": rec["delta_d"]})
+        if progress:
+            progress.advance(task)
+    report = _report("checkpoints", records, points, opts, [], start, cache_hits)
+    report["base"] = {"ref": bsrc.ref, "path": str(bsrc.path)}
+    report["tuned"] = {"ref": tsrc.ref, "path": str(tsrc.path)}
+    return report
+
+
+def _report(mode, records, points, opts, notes, start, cache_hits) -> dict:
+    model = aggregate(records)
+    if any(r["base_svd"] != "full" for r in records):
+        notes.append("W₀'s SVD is randomized for some modules: E_bottom is not available there and "
+                     "intruder counts are upper bounds")
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "adaptedit_version": __version__,
+        "mode": mode, "base": None, "adapter": None, "tuned": None,
+        "options": {**asdict(opts), "k_default": "adapter rank" if mode != "checkpoints"
+                    else CHECKPOINT_K},
+        "verdict": verdict(model, mode),
+        "model": model,
+        "by_type": group(records, "type"),
+        "by_layer": group([r for r in records if r["layer"] is not None], "layer"),
+        "modules": records,
+        "md": {"points": points, "correlation": md_correlation(points)},
+        "svd_cache": {"hits": cache_hits, "computed": len(records) - cache_hits},
+        "notes": notes,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def sort_modules(records: list[dict], metric: str | None, top: int | None) -> list[dict]:
+    """Modules by ``metric`` (descending; missing values last), at most ``top`` of them."""
+    rows = list(records)
+    if metric:
+        if metric not in NUMERIC:
+            raise UsageError(f"--sort {metric!r}: choose one of {', '.join(NUMERIC)}")
+        rows.sort(key=lambda r: (r.get(metric) is None, -(r.get(metric) or 0.0)))
+    elif top:
+        rows.sort(key=lambda r: -r["fro"])
+    return rows[:top] if top else rows
