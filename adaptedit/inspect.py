@@ -324,7 +324,9 @@ def md_correlation(points: list[dict]) -> dict:
     corr = {t: G.pearson([p["delta_d"] for p in ps], [p["delta_m"] for p in ps])
             for t, ps in by_type.items()}
     vals = [c for c in corr.values() if c is not None]
+    live = [p for ps in by_type.values() for p in ps]
     return {"by_type": corr, "mean": sum(vals) / len(vals) if vals else None,
+            "pooled": G.pearson([p["delta_d"] for p in live], [p["delta_m"] for p in live]),
             "reference": {"full_ft": -0.62, "dora": -0.31, "lora": 0.83}}
 
 

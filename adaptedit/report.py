@@ -95,8 +95,13 @@ def md_scatter(report: dict):
                         color=colors(i % 10), alpha=0.25, lw=0.8)
     ax.set_xlabel("ΔD  (mean 1 − cos(W₁[n], W₀[n]))")
     ax.set_ylabel("ΔM  (mean |‖W₁[n]‖ − ‖W₀[n]‖|)")
-    mean = report["md"]["correlation"]["mean"]
-    sub = f"corr(ΔD, ΔM) mean over types = {mean:+.2f}" if mean is not None else "too few points"
+    cr = report["md"]["correlation"]
+    if cr["mean"] is not None:
+        sub = f"corr(ΔD, ΔM) mean over types = {cr['mean']:+.2f}"
+    elif cr.get("pooled") is not None:
+        sub = f"corr(ΔD, ΔM) pooled over types = {cr['pooled']:+.2f}"
+    else:
+        sub = "too few points for a correlation"
     ax.set_title(f"magnitude vs direction (DoRA §3.2): {sub}\n"
                  "reference: full FT −0.62, DoRA −0.31, LoRA +0.83", fontsize=9)
     ax.ticklabel_format(style="sci", scilimits=(-3, 3))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
@@ -26,9 +27,14 @@ COLUMNS = [
     ("eff rank", "effective_rank", ".1f"), ("stable", "stable_rank", ".2f"),
     ("r90/r99", ("energy_rank_90", "energy_rank_99"), "d"), ("intr", "intruders", "d"),
 ]
-SUMMARY = [("‖ΔW‖", "fro", ".3g"), ("rel", "rel", ".3g"), ("ΔM", "delta_m", ".3g"),
-           ("ΔD", "delta_d", ".3g"), ("E_top", "e_top", ".2f"), ("E_bottom", "e_bottom", ".2f"),
+SUMMARY = [("‖ΔW‖", "fro", ".3g"), ("rel", "rel", ".2g"), ("ΔM", "delta_m", ".2g"),
+           ("ΔD", "delta_d", ".2g"), ("E_top", "e_top", ".2f"), ("E_bottom", "e_bottom", ".2f"),
            ("eff rank", "effective_rank", ".1f"), ("intr", "intruders", "d")]
+
+
+AGGREGATED = ("fro", "rel", "spectral", "delta_m", "delta_d", "e_top", "e_bottom", "e_top_out",
+              "e_top_in", "e_bottom_out", "e_bottom_in", "phi", "amplification",
+              "effective_rank", "stable_rank", "intruders")
 
 
 def _fmt(v, f) -> str:
@@ -47,60 +53,77 @@ def _cell(rec: dict, key, f) -> str:
     return _fmt(rec.get(key), f)
 
 
-def module_table(rows: list[dict], title: str) -> Table:
+NARROW = ("module", "‖ΔW‖", "rel", "ΔM", "ΔD", "E_top out/in", "E_bot out/in", "eff rank", "intr")
+SMALL = [("module", "name", None), ("‖ΔW‖", "fro", ".2g"), ("rel", "rel", ".2g"),
+         ("ΔM", "delta_m", ".2g"), ("ΔD", "delta_d", ".2g"), ("E_top", "e_top", ".2f"),
+         ("E_bot", "e_bottom", ".2f"), ("intr", "intruders", "d")]
+
+
+def _short(name: str) -> str:
+    """model.layers.3.self_attn.q_proj → 3.self_attn.q_proj (the table's first column)."""
+    m = re.search(r"(?:^|\.)(\d+\.)", name)
+    return name[m.start(1):] if m else name
+
+
+def module_table(rows: list[dict], title: str, width: int | None = None) -> Table:
+    """All columns on a wide terminal (≥ 170), fewer on narrower ones (JSON and HTML have all)."""
+    width = width or console.out.width
+    cols = (COLUMNS if width >= 170 else [c for c in COLUMNS if c[0] in NARROW] if width >= 120
+            else SMALL)
     table = Table(title=title)
-    for col, _, f in COLUMNS:
-        table.add_column(col, justify="left" if f is None else "right")
+    for col, _, f in cols:
+        table.add_column(col, justify="left" if f is None else "right", no_wrap=f is None)
     for r in rows:
-        cells = [_cell(r, key, f) for _, key, f in COLUMNS]
+        cells = [_short(r["name"]) if key == "name" else _cell(r, key, f) for _, key, f in cols]
         table.add_row(*cells, style="dim" if r["zero"] else None)
     return table
 
 
-def summary_table(report: dict) -> Table:
-    """Layer × module type: ‖ΔW‖ (rel) with E_top, and the per-type and model totals."""
+def summary_table(report: dict, metric: str = "rel") -> Table:
+    """Layer × module type of one metric, with the per-layer, per-type and model aggregates."""
     modules = report["modules"]
     types = list(dict.fromkeys(r["type"] for r in modules))
     layers = sorted({r["layer"] for r in modules if r["layer"] is not None})
     cell = {(r["layer"], r["type"]): r for r in modules}
-    table = Table(title="layer × module type: ‖ΔW‖/‖W₀‖ · E_top")
+    f = ".2f" if metric.startswith("e_") else "d" if metric == "intruders" else ".3g"
+    table = Table(title=f"layer × module type: {metric}")
     table.add_column("layer", justify="right")
     for t in types:
-        table.add_column(t, justify="right")
+        table.add_column(t.removesuffix("_proj"), justify="right")
     table.add_column("all", justify="right", style="bold")
     for layer in layers:
         row = [str(layer)]
         for t in types:
             r = cell.get((layer, t))
-            row.append("" if r is None else "0" if r["zero"] else
-                       f"{_fmt(r['rel'], '.2g')} · {_fmt(r['e_top'], '.2f')}")
-        agg = report["by_layer"].get(str(layer), {})
-        row.append(f"{_fmt(agg.get('rel'), '.2g')} · {_fmt(agg.get('e_top'), '.2f')}")
+            row.append("" if r is None else _fmt(r.get(metric), f))
+        row.append(_fmt(report["by_layer"].get(str(layer), {}).get(metric), f))
         table.add_row(*row)
     row = ["all"]
     for t in types:
         agg = report["by_type"][t]
-        row.append(f"{_fmt(agg.get('rel'), '.2g')} · {_fmt(agg.get('e_top'), '.2f')}")
-    m = report["model"]
-    row.append(f"{_fmt(m.get('rel'), '.2g')} · {_fmt(m.get('e_top'), '.2f')}")
+        row.append(_fmt(agg.get(metric), f))
+    row.append(_fmt(report["model"].get(metric), f))
     table.add_row(*row, style="bold")
     return table
 
 
-def type_table(report: dict) -> Table:
+def type_table(report: dict, width: int | None = None) -> Table:
+    width = width or console.out.width
+    summary = SUMMARY if width >= 120 else [c for c in SUMMARY if c[1] not in ("fro", "effective_rank")]
     table = Table(title="per module type and whole model")
-    table.add_column("group")
+    table.add_column("group", no_wrap=True)
     table.add_column("n", justify="right")
-    for col, _, _ in SUMMARY:
+    for col, _, _ in summary:
         table.add_column(col, justify="right")
-    table.add_column("corr(ΔD,ΔM)", justify="right")
+    table.add_column("corr ΔD,ΔM", justify="right")
     corr = report["md"]["correlation"]
     for t, agg in report["by_type"].items():
-        table.add_row(t, str(agg["modules"]), *[_fmt(agg.get(k), f) for _, k, f in SUMMARY],
+        table.add_row(t, str(agg["modules"]), *[_fmt(agg.get(k), f) for _, k, f in summary],
                       _fmt(corr["by_type"].get(t), "+.2f"))
     m = report["model"]
-    table.add_row("model", str(m["modules"]), *[_fmt(m.get(k), f) for _, k, f in SUMMARY],
-                  _fmt(corr["mean"], "+.2f"), style="bold")
+    table.add_row("model", str(m["modules"]), *[_fmt(m.get(k), f) for _, k, f in summary],
+                  _fmt(corr["mean"] if corr["mean"] is not None else corr.get("pooled"), "+.2f"),
+                  style="bold")
     return table
 
 
@@ -172,7 +195,8 @@ def inspect(
     shown = f" (top {len(rows)} by {sort or 'fro'})" if top else ""
     console.show(module_table(rows, f"inspect {what}{shown}"))
     if any(r["layer"] is not None for r in report["modules"]):
-        console.show(summary_table(report))
+        metric = sort if sort in AGGREGATED else "rel"
+        console.show(summary_table(report, metric))
     console.show(type_table(report))
     extras = [r for r in report["modules"] if r["method"]]
     if extras:
