@@ -146,6 +146,26 @@ def subspace_energy(basis: torch.Tensor, u: torch.Tensor, s: torch.Tensor) -> fl
     return float((proj ** 2).sum()) / total
 
 
+def two_sided_energy(ub: torch.Tensor, vb: torch.Tensor, u: torch.Tensor, s: torch.Tensor,
+                     v: torch.Tensor) -> float:
+    """The fraction of ‖ΔW‖²_F that touches span(ub) on the output side or span(vb) on the input
+    side: 1 − ‖(I − ub ubᵀ) ΔW (I − vb vbᵀ)‖²_F / ‖ΔW‖²_F, for ΔW = U diag(s) Vᵀ.
+
+    A PiSSA-style update s(BA − B₀A₀) = s(δB A₀ + B₀ δA + δB δA) has its first term in W₀'s top
+    right subspace and its second in the top left one: each side alone sees about half of it, both
+    together nearly all. An isotropic random update gives 1 − (1 − kₒ/out)(1 − kᵢ/in).
+    """
+    s = s.double()
+    total = float((s ** 2).sum())
+    if total <= 0:
+        return 0.0
+    ub, vb, u, v = ub.double(), vb.double(), u.double(), v.double()
+    x = u - ub @ (ub.T @ u)  # (I − P) U_Δ
+    y = v - vb @ (vb.T @ v)  # (I − Q) V_Δ
+    outside = float(torch.trace((s[:, None] * (x.T @ x)) * s[None, :] @ (y.T @ y)))
+    return min(1.0, max(0.0, 1.0 - outside / total))
+
+
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Principal angles (degrees, ascending) between span(a) and span(b), orthonormal columns."""
     cos = torch.linalg.svdvals(a.double().T @ b.double()).clamp(0, 1)

@@ -171,10 +171,11 @@ def analyze_module(w0: torch.Tensor, svd0: dict, *, p: torch.Tensor | None = Non
         rec["e_bottom_in"] = G.subspace_energy(vh0[m - k:].T, v_d, s_d)
     else:
         rec["e_bottom_out"] = rec["e_bottom_in"] = None
-    rec["e_top"] = max(rec["e_top_out"], rec["e_top_in"])
-    rec["e_bottom"] = (max(rec["e_bottom_out"], rec["e_bottom_in"])
-                       if rec["e_bottom_out"] is not None else None)
-    rec["e_random"] = k / m  # what an isotropic random update would put in a k-dim subspace
+    rec["e_top"] = G.two_sided_energy(u0[:, :kk], vh0[:kk].T, u_d, s_d, v_d)
+    rec["e_bottom"] = (G.two_sided_energy(u0[:, m - k:], vh0[m - k:].T, u_d, s_d, v_d)
+                       if svd0["complete"] else None)
+    # what an isotropic random update would put there (output side, input side, either)
+    rec["e_random"] = 1 - (1 - k / out_f) * (1 - k / in_f)
 
     # ΔW's own leading subspace against W₀'s
     r_num = G.numerical_rank(s_d, w0.shape)
@@ -295,13 +296,17 @@ def verdict(model: dict, mode: str) -> str:
         return f"{what}: ΔW = 0 exactly in all {n} modules (nothing to analyse)"
     parts = []
     et, eb, er = model.get("e_top"), model.get("e_bottom"), model.get("e_random") or 0.0
-    side = lambda a, b: "input" if (model.get(b) or 0) > (model.get(a) or 0) else "output"  # noqa
+    def sides(a, b):
+        fa, fb = model.get(a), model.get(b)
+        return (f"; output side {fa:.2f}, input side {fb:.2f}" if fa is not None and fb is not None
+                else "")
+
     if et is not None and et >= 0.5 and (eb is None or et >= eb):
-        parts.append(f"update concentrated in the principal subspace (E_top = {et:.2f}, "
-                     f"{side('e_top_out', 'e_top_in')} side)")
+        parts.append(f"update concentrated in the principal subspace (E_top = {et:.2f}"
+                     f"{sides('e_top_out', 'e_top_in')})")
     elif eb is not None and eb >= 0.5:
-        parts.append(f"update concentrated in the minor subspace (E_bottom = {eb:.2f}, "
-                     f"{side('e_bottom_out', 'e_bottom_in')} side)")
+        parts.append(f"update concentrated in the minor subspace (E_bottom = {eb:.2f}"
+                     f"{sides('e_bottom_out', 'e_bottom_in')})")
     elif et is not None:
         eb_txt = f", E_bottom = {eb:.2f}" if eb is not None else ""
         parts.append(f"update spread across the spectrum (E_top = {et:.2f}{eb_txt}; a random "

@@ -53,8 +53,7 @@ def heatmap(report: dict, metric: str, title: str):
 
     g, layers, types = _grid(report, metric)
     fig, ax = plt.subplots(figsize=(1.1 * len(types) + 2.5, 0.28 * len(layers) + 1.8))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     bounded = metric.startswith("e_")
     im = ax.imshow(np.ma.masked_invalid(g), aspect="auto", cmap=cmap,
                    vmin=0 if bounded else None, vmax=1 if bounded else None)

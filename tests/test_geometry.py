@@ -39,7 +39,13 @@ def _reference(w0, d, k):
     tot = (d ** 2).sum()
     w1 = w0 + d
     n0, n1 = w0.norm(dim=1), w1.norm(dim=1)
+    pt = torch.eye(w0.shape[0], dtype=torch.float64) - u0[:, :k] @ u0[:, :k].T
+    qt = torch.eye(w0.shape[1], dtype=torch.float64) - vh0[:k].T @ vh0[:k]
+    pb = torch.eye(w0.shape[0], dtype=torch.float64) - u0[:, m - k:] @ u0[:, m - k:].T
+    qb = torch.eye(w0.shape[1], dtype=torch.float64) - vh0[m - k:].T @ vh0[m - k:]
     return {
+        "e_top": float(1 - (pt @ d @ qt).pow(2).sum() / tot),
+        "e_bottom": float(1 - (pb @ d @ qb).pow(2).sum() / tot),
         "e_top_out": float((u0[:, :k].T @ d).pow(2).sum() / tot),
         "e_top_in": float((d @ vh0[:k].T).pow(2).sum() / tot),
         "e_bottom_out": float((u0[:, m - k:].T @ d).pow(2).sum() / tot),
@@ -59,7 +65,9 @@ def test_update_in_top_subspace_has_e_top_one():
     rec = analyze_module(w0, svd0, p=p, q=q, k=k)
     assert rec["e_top_out"] == pytest.approx(1, abs=1e-6)
     assert rec["e_top_in"] == pytest.approx(1, abs=1e-6)
+    assert rec["e_top"] == pytest.approx(1, abs=1e-6)
     assert rec["e_bottom_out"] == pytest.approx(0, abs=1e-6)
+    assert rec["e_bottom"] == pytest.approx(0, abs=1e-6)
     assert rec["angle_min"] == pytest.approx(0, abs=1e-3)
     assert rec["phi"] == pytest.approx(1, abs=1e-6)
 
@@ -71,7 +79,9 @@ def test_update_in_bottom_subspace_has_e_bottom_one():
     rec = analyze_module(w0, svd0, p=p, q=q, k=k)
     assert rec["e_bottom_out"] == pytest.approx(1, abs=1e-6)
     assert rec["e_bottom_in"] == pytest.approx(1, abs=1e-6)
+    assert rec["e_bottom"] == pytest.approx(1, abs=1e-6)
     assert rec["e_top_out"] == pytest.approx(0, abs=1e-6)
+    assert rec["e_top"] == pytest.approx(0, abs=1e-6)
     assert rec["angle_min"] == pytest.approx(90, abs=1e-3)
     # ΔW lives where W₀ is weak: the amplification is large (σ of W₀ there ~ 0.1 vs 10 on top)
     assert rec["amplification"] > 3
@@ -91,6 +101,20 @@ def test_random_update_matches_dense_reference_both_paths():
         assert dense[key] == pytest.approx(val, rel=1e-5, abs=1e-7), key
     for key in ("phi", "amplification", "effective_rank", "stable_rank", "intruders"):
         assert lowrank[key] == pytest.approx(dense[key], rel=1e-5), key
+
+
+def test_two_sided_energy_sees_both_sides():
+    """ΔW = U₀ₖ X + Y V₀ₖᵀ (PiSSA's δA and δB terms): each side alone sees part, both see all."""
+    w0, svd0, u, s, v = _planted_w0()
+    g = torch.Generator().manual_seed(11)
+    k = 4
+    p = torch.cat([u[:, :k], torch.randn(48, k, generator=g, dtype=torch.float64)], 1)
+    q = torch.cat([torch.randn(k, 40, generator=g, dtype=torch.float64), v[:, :k].T], 0)
+    rec = analyze_module(w0, svd0, p=p, q=q, k=k)
+    assert rec["e_top"] == pytest.approx(1, abs=1e-6)
+    assert rec["e_top_out"] < 0.9 and rec["e_top_in"] < 0.9
+    ref = _reference(w0, p @ q, k)
+    assert rec["e_bottom"] == pytest.approx(ref["e_bottom"], abs=1e-6)
 
 
 def test_row_scaling_changes_magnitude_only():
