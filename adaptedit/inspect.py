@@ -9,7 +9,7 @@ Three sources of ΔW = W₁ − W₀, one analysis (:func:`analyze_module`, on :
   cheap metrics (‖ΔW‖, ΔM, ΔD) at every point, the full analysis of the first adapter.
 
 W₀'s SVD is computed once per base weight and cached in ``cache_dir()/svd/`` (safetensors, keyed
-by the weight's fingerprint): exact and complete (float64 SVD, stored in float32) up to
+by the weight's fingerprint): exact and complete (LAPACK SVD, float32 beyond 256, stored in float32) up to
 min(out, in) = ``EXACT_MAX``, a seeded randomized top-k beyond (bottom-k energies are then not
 available and intruder counts are upper bounds; the accuracy of the sketch is reported).
 
@@ -106,7 +106,10 @@ def base_svd(raw: torch.Tensor, kind: str, w: torch.Tensor, *, mode: str = "auto
         except (SafetensorError, OSError, KeyError, Exception):
             pass  # a damaged cache entry is recomputed and replaced
     if full:
-        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        # LAPACK's float32 SVD (backward stable, ~1.6× faster than float64 here); small matrices in
+        # float64, where it costs nothing
+        wd = w.double() if m <= 256 else w.float()
+        u, s, vh = torch.linalg.svd(wd, full_matrices=False)
         t = {"u": u.float(), "s": s.float(), "vh": vh.float()}
     else:
         gen = torch.Generator().manual_seed(seed)
