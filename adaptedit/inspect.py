@@ -422,7 +422,7 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
                      ) -> dict:
     """Analyse the first adapter in full; with ``trajectory`` (its training checkpoints) or several
     adapters, also ‖ΔW‖, ΔM and ΔD at every point. Returns the report dict."""
-    from adaptedit.adapter import base_for, check_base, check_weight, load_adapter
+    from adaptedit.adapter import base_for, check_weight, load_adapter
     from adaptedit.models import resolve
 
     opts = opts or Options()
@@ -453,11 +453,12 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
     source = resolve(base, trust_remote_code=trust_remote_code) if base else base_for(main, None)
     targets = _adapter_targets(main, opts.targets)
     names = [t.name for t in targets]
-    found = check_base(main, source, names=names, verify_weights=False)
+    # the adapter's record against the checkpoint headers: no transformers model to build (seconds)
+    from adaptedit.merge import _targets as recorded_targets
+
+    found = recorded_targets(main, source)
     for _, _, ad in points_src:
-        shared = [n for n in names if n in ad.config.modules]
-        if shared:
-            check_base(ad, source, names=shared, verify_weights=False)
+        recorded_targets(ad, source)
     ckpt = source.checkpoint
     records, points, notes = [], [], []
     cache_hits = 0
