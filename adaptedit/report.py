@@ -117,14 +117,16 @@ def spectrum(report: dict, n: int = 6):
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors = plt.get_cmap("tab10")
     for i, r in enumerate(mods):
-        sd, sb = r["spectrum_delta"], r["spectrum_base"]
+        sb = r["spectrum_base"]
+        sd = r["spectrum_delta"][:max(1, r.get("numerical_rank") or 0)]  # not the rounding tail
         short = ".".join(r["name"].split(".")[-3:])
         ax.semilogy(range(1, len(sb) + 1), sb, color=colors(i), lw=1, ls="--", alpha=0.7)
         ax.semilogy(range(1, len(sd) + 1), [max(x, 1e-30) for x in sd], color=colors(i), lw=1.6,
                     marker=".", ms=3, label=short)
     ax.set_xlabel("index k")
     ax.set_ylabel("singular value σₖ")
-    ax.set_title("singular spectrum: ΔW (solid) vs W₀ (dashed), largest updates", fontsize=9)
+    ax.set_title("singular spectrum: ΔW (solid, numerical rank) vs W₀ (dashed), largest updates",
+                 fontsize=9)
     if mods:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
