@@ -283,3 +283,21 @@ def test_missing_matplotlib_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, _, err = run_cli(["inspect", str(folder), "--plot", str(tmp_path / "p")])
     assert code == 1 and "pip install 'adaptedit[plot]'" in err
+
+
+def test_randomized_base_svd_and_damaged_cache(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTEDIT_CACHE", str(tmp_path / "cache"))
+    folder = make(tiny_llama, tmp_path / "a", method="pissa", also_a=True, noise=0.002)
+    exact = by_name(inspect_adapters([folder]))
+    rep = inspect_adapters([folder], opts=Options(svd="randomized"))
+    r = rep["modules"][0]
+    assert r["base_svd"] == "randomized" and r["e_bottom"] is None and not r["intruders_exact"]
+    assert 0.99 < r["base_svd_accuracy"]["captured_energy"] <= 1.0 + 1e-6  # rank ≥ min(out, in)
+    assert any("randomized" in n for n in rep["notes"])
+    assert r["e_top"] == pytest.approx(exact[r["name"]]["e_top"], abs=1e-3)
+    # a damaged cache entry is recomputed, not trusted
+    for f in (tmp_path / "cache" / "svd").glob("*-full.safetensors"):
+        f.write_bytes(b"garbage")
+    again = by_name(inspect_adapters([folder]))
+    assert again[r["name"]]["e_top"] == pytest.approx(exact[r["name"]]["e_top"], rel=1e-6)
+    assert inspect_adapters([folder])["svd_cache"]["hits"] == 14
