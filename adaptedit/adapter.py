@@ -295,3 +295,25 @@ def base_for(adapter: Adapter, base: str | None, *, quiet: bool = True):
 
 def module_target(name: str, info: ModuleInfo) -> Target:
     return Target(name, info.kind, info.shape[0], info.shape[1], info.key, info.has_bias)
+
+
+def recorded_targets(adapter: Adapter, source) -> dict:
+    """{module: Target} from the adapter's record checked against the checkpoint headers.
+
+    Native adapters record each weight's checkpoint key, so no transformers model is built (that
+    import alone costs seconds). When a key is not in the checkpoint (e.g. a PEFT adapter whose
+    module names differ from the keys by the model's prefix), the module tree decides.
+    """
+    ckpt = source.checkpoint
+    found = {}
+    for name, info in adapter.config.modules.items():
+        if info.key not in ckpt:
+            return check_base(adapter, source, verify_weights=False)
+        stored = tuple(ckpt.shape(info.key))
+        expect = tuple(info.shape) if info.kind == "linear" else tuple(info.shape[::-1])
+        if stored != expect:
+            raise AdapteditError(f"adapter {adapter.path}: {name} is {info.shape[0]}×{info.shape[1]}"
+                                 f" but {info.key} of base {source.ref} is stored as "
+                                 f"{'×'.join(map(str, stored))}; was it made for another model?")
+        found[name] = module_target(name, info)
+    return found

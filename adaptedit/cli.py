@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn errors into one line + exit code."""
     _register()
     try:
-        app(args=argv, prog_name="adaptedit", standalone_mode=False)
+        # Without standalone mode Click returns typer.Exit's code instead of exiting; commands
+        # themselves return None.
+        rc = app(args=argv, prog_name="adaptedit", standalone_mode=False)
     except AdapteditError as e:
         _fail(e, 2 if isinstance(e, UsageError) else 1)
     except KeyboardInterrupt:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         _fail(e, 1, unexpected=True)
-    sys.exit(0)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 def _fail(e: BaseException, code: int, unexpected: bool = False) -> None:

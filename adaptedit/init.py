@@ -53,7 +53,7 @@ def resolve_device(device: str) -> torch.device:
 
 def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str, int]]:
     """The targets and their ranks; validates ranks against shapes (names the module)."""
-    method = methods.get(opts.method)  # noqa: F841  (validates the name first)
+    methods.get(opts.method)  # validates the name before the model is read
     targets = select(adaptable(source.meta_model(), source.checkpoint.keys()), opts.targets)
     pattern = parse_pattern(opts.rank_pattern)
     ranks = {}

@@ -164,7 +164,7 @@ def analyze_module(w0: torch.Tensor, svd0: dict, *, p: torch.Tensor | None = Non
         rec["delta_m"], rec["delta_d"] = G.magnitude_direction_lowrank(w0d, p, q)
 
     # where the update lives: W₀'s top-k and bottom-k singular subspaces, both sides
-    u0, s0, vh0 = svd0["u"].double(), svd0["s"].double(), svd0["vh"].double()
+    u0, vh0 = svd0["u"].double(), svd0["vh"].double()
     kk = min(k, u0.shape[1])
     v_d = vh_d.T
     rec["e_top_out"] = G.subspace_energy(u0[:, :kk], u_d, s_d)
@@ -422,7 +422,7 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
                      ) -> dict:
     """Analyse the first adapter in full; with ``trajectory`` (its training checkpoints) or several
     adapters, also ‖ΔW‖, ΔM and ΔD at every point. Returns the report dict."""
-    from adaptedit.adapter import base_for, check_weight, load_adapter
+    from adaptedit.adapter import base_for, check_weight, load_adapter, recorded_targets
     from adaptedit.models import resolve
 
     opts = opts or Options()
@@ -446,16 +446,11 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
         points_src.append((str(f), None, load_adapter(f)))
     if len(folders) > 1:
         points_src.insert(0, (str(folders[0]), None, main))
-    for _, _, ad in points_src:
+    for _, _, ad in points_src:  # adapters of other targets are compared on the modules they share
         _check_finite(ad)
-        if set(ad.names) != set(main.names) and not trajectory:
-            pass  # adapters of other targets: compared on the modules they share
     source = resolve(base, trust_remote_code=trust_remote_code) if base else base_for(main, None)
     targets = _adapter_targets(main, opts.targets)
-    names = [t.name for t in targets]
     # the adapter's record against the checkpoint headers: no transformers model to build (seconds)
-    from adaptedit.merge import _targets as recorded_targets
-
     found = recorded_targets(main, source)
     for _, _, ad in points_src:
         recorded_targets(ad, source)

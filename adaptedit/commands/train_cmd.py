@@ -13,7 +13,6 @@ from rich.text import Text
 
 from adaptedit import console
 from adaptedit.commands.common import JSON, QUIET
-from adaptedit.errors import AdapteditError
 
 
 def register(app: typer.Typer) -> None:
