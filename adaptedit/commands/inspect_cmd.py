@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -28,7 +29,7 @@ COLUMNS = [
     ("r90/r99", ("energy_rank_90", "energy_rank_99"), "d"), ("intr", "intruders", "d"),
 ]
 SUMMARY = [("‖ΔW‖", "fro", ".3g"), ("rel", "rel", ".2g"), ("ΔM", "delta_m", ".2g"),
-           ("ΔD", "delta_d", ".2g"), ("E_top", "e_top", ".2f"), ("E_bottom", "e_bottom", ".2f"),
+           ("ΔD", "delta_d", ".2g"), ("E_top", "e_top", ".2f"), ("E_bot", "e_bottom", ".2f"),
            ("eff rank", "effective_rank", ".1f"), ("intr", "intruders", "d")]
 
 
@@ -44,7 +45,9 @@ def _fmt(v, f) -> str:
         return str(v)
     if f == "d":
         return str(int(v))
-    return format(v, f)
+    if f.endswith("g") and 0 < abs(v) < 1e-2:  # 9.8e-4 rather than 0.00098: shorter cells
+        f = f".{max(int(f[1:-1] or 1) - 1, 0)}e"
+    return re.sub(r"e([+-])0*(\d)", lambda m: "e" + m[1].replace("+", "") + m[2], format(v, f))
 
 
 def _cell(rec: dict, key, f) -> str:
@@ -86,7 +89,13 @@ def summary_table(report: dict, metric: str = "rel") -> Table:
     layers = sorted({r["layer"] for r in modules if r["layer"] is not None})
     cell = {(r["layer"], r["type"]): r for r in modules}
     f = ".2f" if metric.startswith("e_") else "d" if metric == "intruders" else ".3g"
-    table = Table(title=f"layer × module type: {metric}")
+    values = [abs(v) for v in (r.get(metric) for r in modules) if isinstance(v, (int, float)) and v]
+    scale, unit = 1.0, ""
+    if f == ".3g" and values and not 0.1 <= max(values) < 1000:
+        # one exponent for the whole table keeps the cells short enough for an 80-column terminal
+        exp = math.floor(math.log10(max(values)))
+        scale, unit, f = 10.0 ** -exp, f" (×1e{exp})", ".2f"
+    table = Table(title=f"layer × module type: {metric}{unit}")
     table.add_column("layer", justify="right")
     for t in types:
         table.add_column(t.removesuffix("_proj"), justify="right")
@@ -95,16 +104,20 @@ def summary_table(report: dict, metric: str = "rel") -> Table:
         row = [str(layer)]
         for t in types:
             r = cell.get((layer, t))
-            row.append("" if r is None else _fmt(r.get(metric), f))
-        row.append(_fmt(report["by_layer"].get(str(layer), {}).get(metric), f))
+            row.append("" if r is None else _fmt(_scaled(r.get(metric), scale), f))
+        row.append(_fmt(_scaled(report["by_layer"].get(str(layer), {}).get(metric), scale), f))
         table.add_row(*row)
     row = ["all"]
     for t in types:
         agg = report["by_type"][t]
-        row.append(_fmt(agg.get(metric), f))
-    row.append(_fmt(report["model"].get(metric), f))
+        row.append(_fmt(_scaled(agg.get(metric), scale), f))
+    row.append(_fmt(_scaled(report["model"].get(metric), scale), f))
     table.add_row(*row, style="bold")
     return table
+
+
+def _scaled(v, scale: float):
+    return v * scale if isinstance(v, (int, float)) and scale != 1.0 else v
 
 
 def type_table(report: dict, width: int | None = None) -> Table:
