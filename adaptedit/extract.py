@@ -19,7 +19,7 @@ import torch
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import fingerprint, randomized_svd
-from adaptedit.models import ModelSource
+from adaptedit.models import ModelSource, compare_checkpoints
 from adaptedit.targets import adaptable, select, to_w
 
 EXACT_MAX = 1024  # min(out, in) up to which the exact SVD is used at a fixed rank
@@ -33,27 +33,6 @@ class ModuleReport:
     delta_norm: float
     rel_error: float
     energy: float
-
-
-def compare_checkpoints(base: ModelSource, tuned: ModelSource) -> None:
-    """Refuse checkpoints of different architectures/shapes, naming the first differing tensor."""
-    bc, tc = base.checkpoint, tuned.checkpoint
-    b_arch = getattr(base.config, "architectures", None)
-    t_arch = getattr(tuned.config, "architectures", None)
-    if b_arch and t_arch and b_arch != t_arch:
-        raise AdapteditError(f"--base {base.ref} is {b_arch[0]} but --tuned {tuned.ref} is "
-                             f"{t_arch[0]}; extract needs two checkpoints of one architecture")
-    tkeys = set(tc.keys())
-    for key in sorted(bc.keys()):
-        if key not in tkeys:
-            raise AdapteditError(f"tensor {key} of --base {base.ref} is missing from --tuned "
-                                 f"{tuned.ref}; are they the same architecture?")
-        if bc.shape(key) != tc.shape(key):
-            raise AdapteditError(f"tensor {key} is {list(bc.shape(key))} in --base but "
-                                 f"{list(tc.shape(key))} in --tuned; are they the same architecture?")
-    extra = sorted(tkeys - set(bc.keys()))
-    if extra:
-        raise AdapteditError(f"tensor {extra[0]} of --tuned {tuned.ref} is not in --base {base.ref}")
 
 
 def _factors(d: torch.Tensor, rank: int | None, energy: float | None, gen) -> tuple:
@@ -91,7 +70,7 @@ def extract(base: ModelSource, tuned: ModelSource, *, rank: int | None = None,
         raise UsageError(f"--rank {rank}: must be a positive integer")
     if energy is not None and not (0.0 < energy <= 1.0):
         raise UsageError(f"--energy {energy:g}: must be in (0, 1]")
-    compare_checkpoints(base, tuned)
+    compare_checkpoints(base, tuned, "extract")
     bc, tc = base.checkpoint, tuned.checkpoint
     chosen = select(adaptable(base.meta_model(), bc.keys()), targets)
     gen = torch.Generator().manual_seed(seed)

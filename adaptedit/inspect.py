@@ -506,31 +506,10 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
     return report
 
 
-def compare_checkpoints(base, tuned) -> None:
-    """Refuse checkpoints of different architectures or shapes, naming the first differing tensor."""
-    bc, tc = base.checkpoint, tuned.checkpoint
-    b_arch = getattr(base.config, "architectures", None)
-    t_arch = getattr(tuned.config, "architectures", None)
-    if b_arch and t_arch and b_arch != t_arch:
-        raise AdapteditError(f"--base {base.ref} is {b_arch[0]} but --tuned {tuned.ref} is "
-                             f"{t_arch[0]}; inspect compares two checkpoints of one architecture")
-    tkeys = set(tc.keys())
-    for key in sorted(bc.keys()):
-        if key not in tkeys:
-            raise AdapteditError(f"tensor {key} of --base {base.ref} is missing from --tuned "
-                                 f"{tuned.ref}; are they the same architecture?")
-        if bc.shape(key) != tc.shape(key):
-            raise AdapteditError(f"tensor {key} is {list(bc.shape(key))} in --base but "
-                                 f"{list(tc.shape(key))} in --tuned; not the same architecture")
-    extra = sorted(tkeys - set(bc.keys()))
-    if extra:
-        raise AdapteditError(f"tensor {extra[0]} of --tuned {tuned.ref} is not in --base {base.ref}")
-
-
 def inspect_checkpoints(base: str | None, tuned: str, *, opts: Options | None = None, progress=None,
                         trust_remote_code: bool = False) -> dict:
     """ΔW = W_tuned − W_base for every selected linear module, one tensor pair at a time."""
-    from adaptedit.models import resolve
+    from adaptedit.models import compare_checkpoints, resolve
     from adaptedit.targets import adaptable
 
     opts = opts or Options()
@@ -538,7 +517,7 @@ def inspect_checkpoints(base: str | None, tuned: str, *, opts: Options | None = 
     start = time.perf_counter()
     bsrc = resolve(base, trust_remote_code=trust_remote_code)
     tsrc = resolve(tuned, trust_remote_code=trust_remote_code)
-    compare_checkpoints(bsrc, tsrc)
+    compare_checkpoints(bsrc, tsrc, "inspect")
     bc, tc = bsrc.checkpoint, tsrc.checkpoint
     targets = select(adaptable(bsrc.meta_model(), bc.keys()), opts.targets)
     records, points, cache_hits = [], [], 0

@@ -356,3 +356,24 @@ def _tied_keys(model) -> list[str]:
     if out is None or inp is None or out.weight.data_ptr() != inp.weight.data_ptr():
         return []
     return [n + ".weight" for n, m in model.named_modules() if m is out]
+
+
+def compare_checkpoints(base: ModelSource, tuned: ModelSource, command: str) -> None:
+    """Refuse checkpoints of different architectures/shapes, naming the first differing tensor."""
+    bc, tc = base.checkpoint, tuned.checkpoint
+    b_arch = getattr(base.config, "architectures", None)
+    t_arch = getattr(tuned.config, "architectures", None)
+    if b_arch and t_arch and b_arch != t_arch:
+        raise AdapteditError(f"--base {base.ref} is {b_arch[0]} but --tuned {tuned.ref} is "
+                             f"{t_arch[0]}; {command} needs two checkpoints of one architecture")
+    tkeys = set(tc.keys())
+    for key in sorted(bc.keys()):
+        if key not in tkeys:
+            raise AdapteditError(f"tensor {key} of --base {base.ref} is missing from --tuned "
+                                 f"{tuned.ref}; are they the same architecture?")
+        if bc.shape(key) != tc.shape(key):
+            raise AdapteditError(f"tensor {key} is {list(bc.shape(key))} in --base but "
+                                 f"{list(tc.shape(key))} in --tuned; are they the same architecture?")
+    extra = sorted(tkeys - set(bc.keys()))
+    if extra:
+        raise AdapteditError(f"tensor {extra[0]} of --tuned {tuned.ref} is not in --base {base.ref}")
