@@ -139,6 +139,8 @@ def write_atomic_dir(folder: Path, write, *, force: bool) -> None:
     With ``force`` an existing folder is replaced only after the new one is complete.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise AdapteditError(f"{folder}: exists and is not a folder; choose another output path")
     if folder.exists() and not force:
         raise AdapteditError(f"{folder}: already exists; pass --force to replace it")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +215,7 @@ def load_adapter(folder: str | Path) -> Adapter:
     methods.get(config.method)
     tpath = folder / TENSORS_NAME
     if not tpath.exists():
-        raise AdapteditError(f"{folder}: {TENSORS_NAME} is missing")
+        raise AdapteditError(f"{folder}: {TENSORS_NAME} is missing; the adapter folder is incomplete (copy it again or rerun init)")
     try:
         flat = load_file(str(tpath))
     except (SafetensorError, OSError, Exception) as e:

@@ -7,7 +7,9 @@ line; set ADAPTEDIT_DEBUG=1 (or pass --debug before the command) for the traceba
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 
 import typer
@@ -51,31 +53,57 @@ def _register():
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and turn errors into one line + exit code."""
-    _register()
+    # SIGTERM (a scheduler, `timeout`, `kill`) unwinds like Ctrl-C: temporary folders are removed
+    # and `train` saves a checkpoint. The previous handler is back when main() returns.
+    old = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):  # not the main thread (embedded use): leave it be
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        sys.exit(_run(argv))
+    finally:
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGTERM, old)
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
+        _register()  # inside the try: Ctrl-C during the (slow) imports is one line too
         # Without standalone mode Click returns typer.Exit's code instead of exiting; commands
         # themselves return None.
         rc = app(args=argv, prog_name="adaptedit", standalone_mode=False)
     except AdapteditError as e:
-        _fail(e, 2 if isinstance(e, UsageError) else 1)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
-    except SystemExit:
-        raise
+        return _fail(e, 2 if isinstance(e, UsageError) else 1)
+    except KeyboardInterrupt:  # Ctrl-C before Typer runs (it turns a later one into exit 130)
+        rc = 130
+    except Terminated:
+        sys.stderr.write("terminated\n")
+        return 143
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # click usage errors, and anything unexpected
         # Typer ≥ 0.26 vendors its own copy of Click, so match Click's exceptions by shape.
         if type(e).__name__ == "Abort":
             sys.stderr.write("aborted\n")
-            sys.exit(1)
+            return 1
         if hasattr(e, "exit_code") and hasattr(e, "show"):
             e.show()
-            sys.exit(e.exit_code)
-        _fail(e, 1, unexpected=True)
-    sys.exit(rc if isinstance(rc, int) else 0)
+            return e.exit_code
+        return _fail(e, 1, unexpected=True)
+    if rc == 130:
+        sys.stderr.write("interrupted\n")
+    return rc if isinstance(rc, int) else 0
 
 
-def _fail(e: BaseException, code: int, unexpected: bool = False) -> None:
+class Terminated(BaseException):
+    """SIGTERM. Not a KeyboardInterrupt (Typer would swallow it into exit 130), and not an
+    Exception, so that no ``except Exception`` skips the clean-up on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _fail(e: BaseException, code: int, unexpected: bool = False) -> int:
     if os.environ.get("ADAPTEDIT_DEBUG", "0") not in ("", "0"):
         import traceback
 
@@ -84,4 +112,4 @@ def _fail(e: BaseException, code: int, unexpected: bool = False) -> None:
     if unexpected:
         msg = f"{type(e).__name__}: {msg} (set ADAPTEDIT_DEBUG=1 for the traceback)"
     sys.stderr.write(f"error: {msg}\n")
-    sys.exit(code)
+    return code

@@ -97,12 +97,12 @@ def extract(base: ModelSource, tuned: ModelSource, *, rank: int | None = None,
             progress.advance(task)
     target_keys = {t.key for t in chosen}
     changed = [k for k in bc.keys() if k not in target_keys and not torch.equal(bc.get(k), tc.get(k))]
-    ranks = [i.rank for i in infos.values()]
+    top = max(i.rank for i in infos.values())  # ≤ --rank: a module's rank is capped by its shape
     config = AdapterConfig(
-        method="lora", rank=rank if rank is not None else max(ranks), alpha=float(rank or max(ranks)),
+        method="lora", rank=top, alpha=float(top),
         base={"ref": base.ref, "path": str(base.path), "kind": base.kind},
         modules=infos, targets=targets,
-        rank_pattern={n: i.rank for n, i in infos.items()} if rank is None else {},
+        rank_pattern={n: i.rank for n, i in infos.items() if i.rank != top},
         init={"extract": {"tuned": tuned.ref, "rank": rank, "energy": energy, "seed": seed,
                           "svd": f"exact up to min(out, in) = {EXACT_MAX}, else randomized"}},
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 import zlib
@@ -303,7 +304,8 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
 
     meta = {k: torch.empty(ckpt.shape(k), dtype=target_dtype(k), device="meta") for k in keys}
     try:
-        split = split_torch_state_dict_into_shards(meta, max_shard_size=opts.max_shard_size)
+        split = split_torch_state_dict_into_shards(meta, max_shard_size=parse_size(
+            opts.max_shard_size))
     except (ValueError, TypeError) as e:
         raise UsageError(f"--max-shard-size {opts.max_shard_size!r}: {e}") from None
     del meta
@@ -354,6 +356,20 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
     write_atomic_dir(out, write, force=force)  # any OSError: one line, temporary folder removed
     result.seconds = time.perf_counter() - start
     return result
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes from 200MB, 1.5GB, 512MiB or a plain byte count; positive, else a usage error."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+    unit = m and m[2].upper()
+    if not m or unit not in SIZE_UNITS or float(m[1]) * SIZE_UNITS[unit] < 1:
+        raise UsageError(f"--max-shard-size {size!r}: expected a positive size such as 200MB, 2GB, "
+                         "512MiB or a byte count")
+    return int(float(m[1]) * SIZE_UNITS[unit])
 
 
 def _merge_tensor(adapters, entries, raw, key, weights, opts, base_ref, dtype) -> torch.Tensor:

@@ -88,7 +88,7 @@ class Checkpoint:
         for name in files:
             path = self.folder / name
             if not path.exists():
-                raise AdapteditError(f"{index}: points to missing shard {name}")
+                raise AdapteditError(f"{index}: points to missing shard {name}; the download or copy is incomplete")
             try:
                 handle = safe_open(str(path), framework="pt")
                 keys = list(handle.keys())

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from adaptedit import __version__
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo, write_atomic_dir
 from adaptedit.errors import AdapteditError
 
@@ -100,8 +101,6 @@ def peft_config(adapter: Adapter, ranks: dict, base_ref: str | None = None) -> d
         "modules_to_save": None,
         "inference_mode": True,
         "revision": None,
-        "adaptedit": {"method": cfg.method, "source": cfg.source,
-                      "note": "exported by adaptedit; scaling folded into lora_B where α = r"},
     }
 
 
@@ -116,7 +115,11 @@ def export_peft(adapter: Adapter, out: Path, *, force: bool = False,
     config = peft_config(adapter, ranks, base_ref)
 
     def write(tmp: Path):
-        save_file(flat, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        # provenance in the tensors file: an unknown key in adapter_config.json makes PEFT warn
+        origin = {"method": adapter.config.method, "source": adapter.config.source,
+                  "version": __version__}
+        save_file(flat, str(tmp / WEIGHTS),
+                  metadata={"format": "pt", "adaptedit": json.dumps(origin)})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
     write_atomic_dir(Path(out), write, force=force)
@@ -151,7 +154,7 @@ def import_peft(folder: str | Path) -> Adapter:
             raise AdapteditError(f"{folder}: only adapter_model.bin (pickle) is present; adaptedit "
                                  "never unpickles. Re-save it with PEFT's save_pretrained("
                                  "safe_serialization=True)")
-        raise AdapteditError(f"{folder}: {WEIGHTS} is missing")
+        raise AdapteditError(f"{folder}: {WEIGHTS} is missing; the PEFT adapter folder is incomplete (copy it again)")
     try:
         flat = load_file(str(wpath))
     except Exception as e:

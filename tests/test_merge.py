@@ -275,6 +275,48 @@ def test_usage_errors(tiny_llama, tmp_path):
     assert code == 1 and "--force" in err
     code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "exists"), "--force", "-q"])
     assert code == 0 and (tmp_path / "exists" / "model.safetensors").exists()
+    for bad in ("", "0.5,", "nan"):
+        code, _, err = run_cli(["merge", str(ad), "--weights", bad, "-o", out])
+        assert code == 2 and "--weights" in err, bad
+    for size in ("-5MB", "garbage", "0", "5XB"):
+        code, _, err = run_cli(["merge", str(ad), "--max-shard-size", size, "-o", out])
+        assert code == 2 and "such as 200MB" in err, size
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    code, _, err = run_cli(["merge", str(ad), "-o", str(a_file), "--force"])
+    assert code == 1 and "not a folder" in err and a_file.read_text() == "keep me"
+    assert not (tmp_path / "m").exists()
+
+
+def test_parse_size():
+    from adaptedit.merge import parse_size
+
+    assert parse_size("200MB") == 200 * 10**6 and parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("512MiB") == 512 << 20 and parse_size("4096") == 4096 == parse_size(4096)
+
+
+def test_sigterm_removes_temp_folder(tiny_llama, tmp_path, monkeypatch):
+    """A job killed by SIGTERM mid-write (a scheduler, `timeout`) leaves nothing behind."""
+    import os
+    import signal
+
+    import safetensors.torch
+
+    ad = make_adapter(tiny_llama, tmp_path / "ad")
+    real = safetensors.torch.save_file
+
+    def killed(*a, **k):
+        real(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "m"), "--no-verify"])
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert code == 143 and err.strip().endswith("terminated")
+    assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path, "m")
 
 
 def test_missing_adapter_tensors(tiny_llama, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,7 +41,10 @@ def _parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",")]
+        if not values or not all(math.isfinite(v) for v in values):
+            raise ValueError
+        return values
     except ValueError:
         raise UsageError(f"--weights {text!r}: expected numbers separated by commas, e.g. 0.7,0.3"
                          ) from None
@@ -105,7 +109,7 @@ def export(
     from adaptedit.peft_io import export_peft
 
     console.configure(quiet=quiet, json_mode=json_)
-    if format != "peft":
+    if format.lower() != "peft":
         raise UsageError(f"--format {format!r}: only peft is supported")
     if out.exists() and not force:
         raise AdapteditError(f"{out}: already exists; pass --force to replace it")
