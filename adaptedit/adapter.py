@@ -143,8 +143,12 @@ def write_atomic_dir(folder: Path, write, *, force: bool) -> None:
         raise AdapteditError(f"{folder}: exists and is not a folder; choose another output path")
     if folder.exists() and not force:
         raise AdapteditError(f"{folder}: already exists; pass --force to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    except OSError as e:
+        raise AdapteditError(f"{folder}: cannot create a folder in {folder.parent} "
+                             f"({e.strerror or e}); choose another output path") from None
     try:
         write(tmp)
         for p in tmp.iterdir():

@@ -15,8 +15,10 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-out = Console(highlight=False, soft_wrap=False)
+out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+# Piped or logged output: one message per line, never wrapped at rich's default 80 columns.
+out.soft_wrap, err.soft_wrap = not out.is_terminal, not err.is_terminal
 _state = {"quiet": False, "json": False}
 
 

@@ -36,6 +36,8 @@ from adaptedit.errors import AdapteditError
 
 IGNORE = -100
 FORMATS = ("text", "prompt-completion", "messages")
+# the roles chat templates know (OpenAI's and Hugging Face's conventions); anything else is a typo
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
             ".parquet": "parquet", ".pq": "parquet"}
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -215,6 +217,9 @@ def row_format(row) -> str:
                 raise BadRow(f"messages[{j}] must be an object with 'role' and 'content'")
             if not isinstance(m["role"], str) or not m["role"]:
                 raise BadRow(f"messages[{j}].role must be a non-empty string")
+            if m["role"] not in ROLES:
+                raise BadRow(f"messages[{j}].role {m['role']!r} is not one of "
+                             f"{', '.join(ROLES)}")
             if not isinstance(m["content"], str):
                 raise BadRow(f"messages[{j}].content must be a string, got "
                              f"{type(m['content']).__name__}")

@@ -142,7 +142,7 @@ def subspace_energy(basis: torch.Tensor, u: torch.Tensor, s: torch.Tensor) -> fl
     if total <= 0:
         return 0.0
     proj = basis.double().T @ (u.double() * s.double())
-    return float((proj ** 2).sum()) / total
+    return min(1.0, float((proj ** 2).sum()) / total)  # ≤ 1 up to rounding
 
 
 def two_sided_energy(ub: torch.Tensor, vb: torch.Tensor, u: torch.Tensor, s: torch.Tensor,

@@ -14,11 +14,12 @@ import torch
 
 from adaptedit import methods
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
-from adaptedit.errors import AdapteditError
+from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import fingerprint
 from adaptedit.methods import dora
 from adaptedit.models import ModelSource
-from adaptedit.targets import Target, adaptable, parse_pattern, pattern_value, select, to_w
+from adaptedit.targets import (Target, adaptable, parse_pattern, pattern_unmatched, pattern_value,
+                               select, to_w)
 
 BATCH_BYTES = 256 << 20  # float32 weights decomposed together at most
 ENERGY_SAMPLE = 1  # modules per shape whose randomized SVD is checked against an exact one
@@ -47,7 +48,7 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise AdapteditError("--device cuda: no CUDA GPU is available here; use --device cpu")
     if device not in ("cpu",) and not device.startswith("cuda"):
-        raise AdapteditError(f"--device {device!r}: use auto, cpu or cuda")
+        raise UsageError(f"--device {device!r}: use auto, cpu or cuda")
     return torch.device(device)
 
 
@@ -56,11 +57,16 @@ def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str
     methods.get(opts.method)  # validates the name before the model is read
     targets = select(adaptable(source.meta_model(), source.checkpoint.keys()), opts.targets)
     pattern = parse_pattern(opts.rank_pattern)
+    unmatched = pattern_unmatched([t.name for t in targets], pattern)
+    if unmatched:
+        types = sorted({t.module_type for t in targets})
+        raise AdapteditError(f"--rank-pattern {unmatched[0]!r} matches none of the targeted modules;"
+                             f" module types here: {', '.join(types)}")
     ranks = {}
     for t in targets:
         r = pattern_value(t.name, pattern, opts.rank)
         if r != int(r) or r <= 0:
-            raise AdapteditError(f"rank {r:g} for {t.name}: the rank must be a positive integer")
+            raise UsageError(f"rank {r:g} for {t.name}: the rank must be a positive integer")
         r = int(r)
         if r > min(t.out_features, t.in_features):
             raise AdapteditError(f"rank {r} for {t.name} exceeds min(out, in) = "
@@ -78,9 +84,13 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
     """Compute θ₀ for every target and return the (untrained) adapter."""
     method = methods.get(opts.method)
     if opts.svd not in ("auto", "full", "randomized"):
-        raise AdapteditError(f"--svd {opts.svd!r}: use full, randomized (or auto)")
+        raise UsageError(f"--svd {opts.svd!r}: use full, randomized (or auto)")
     if opts.niter < 0 or opts.oversample < 0:
-        raise AdapteditError("--niter and --oversample must be ≥ 0")
+        raise UsageError("--niter and --oversample must be ≥ 0")
+    if opts.alpha is not None and not (math.isfinite(opts.alpha) and opts.alpha > 0):
+        raise UsageError(f"--alpha {opts.alpha:g}: must be a positive number (scaling = α / r)")
+    if not (math.isfinite(opts.delora_lambda) and opts.delora_lambda > 0):
+        raise UsageError(f"--delora-lambda {opts.delora_lambda:g}: must be a positive number")
     device = resolve_device(opts.device)
     targets, ranks = plan(source, opts)
     alpha = float(opts.alpha) if opts.alpha is not None else method.default_alpha(opts.rank)

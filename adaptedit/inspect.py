@@ -304,10 +304,13 @@ def verdict(model: dict, mode: str) -> str:
         return (f"; output side {fa:.2f}, input side {fb:.2f}" if fa is not None and fb is not None
                 else "")
 
-    if et is not None and et >= 0.5 and (eb is None or et >= eb):
+    def above_random(e):  # the share of what a random update leaves outside, taken by this one
+        return e is not None and er < 1 and (e - er) / (1 - er) >= 0.5
+
+    if above_random(et) and (eb is None or et >= eb):
         parts.append(f"update concentrated in the principal subspace (E_top = {et:.2f}"
                      f"{sides('e_top_out', 'e_top_in')})")
-    elif eb is not None and eb >= 0.5:
+    elif above_random(eb):
         parts.append(f"update concentrated in the minor subspace (E_bottom = {eb:.2f}"
                      f"{sides('e_bottom_out', 'e_bottom_in')})")
     elif et is not None:
@@ -553,6 +556,11 @@ def inspect_checkpoints(base: str | None, tuned: str, *, opts: Options | None = 
 
 def _report(mode, records, points, opts, notes, start, cache_hits) -> dict:
     model = aggregate(records)
+    overlap = [r["name"] for r in records if 2 * r["k"] > min(r["shape"])]
+    if overlap:
+        notes.append(f"{len(overlap)} module(s) (e.g. {overlap[0]}) have 2k > min(out, in): their "
+                     "top-k and bottom-k subspaces overlap, so E_top and E_bottom say little there;"
+                     " lower --k")
     if any(r["base_svd"] != "full" for r in records):
         notes.append("W₀'s SVD is randomized for some modules: E_bottom is not available there and "
                      "intruder counts are upper bounds")

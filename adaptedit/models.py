@@ -201,6 +201,7 @@ class ModelSource:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
+        quiet_transformers()  # e.g. "sequence length is longer than the maximum": we count those
         try:
             return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         except Exception as e:

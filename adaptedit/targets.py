@@ -11,13 +11,14 @@ the boundary with :func:`to_w` / :func:`from_w`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from adaptedit.errors import AdapteditError
+from adaptedit.errors import AdapteditError, UsageError
 
 ALL_LINEAR = "all-linear"
 
@@ -98,14 +99,17 @@ def _checkpoint_key(key: str, keys: set[str], prefix: str) -> str | None:
 
 def select(candidates: list[Target], spec: str | None) -> list[Target]:
     """Apply a selection spec; an empty selection is an error that lists what exists."""
-    spec = (spec or ALL_LINEAR).strip()
+    spec = ALL_LINEAR if spec is None else spec.strip()
+    if not spec:
+        raise UsageError("--targets is empty; use all-linear, names such as q_proj,v_proj, "
+                         "or re:REGEX")
     if spec == ALL_LINEAR:
         chosen = list(candidates)
     elif spec.startswith("re:"):
         try:
             rx = re.compile(spec[3:])
         except re.error as e:
-            raise AdapteditError(f"--targets {spec!r}: invalid regular expression ({e})") from None
+            raise UsageError(f"--targets {spec!r}: invalid regular expression ({e})") from None
         chosen = [t for t in candidates if rx.fullmatch(t.name)]
     else:
         suffixes = [s.strip() for s in spec.split(",") if s.strip()]
@@ -128,13 +132,30 @@ def parse_pattern(text: str | None, what: str = "--rank-pattern") -> dict[str, f
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
+        key = key.strip()
         try:
-            if not sep or not key.strip():
+            if not sep or not key:
                 raise ValueError
-            out[key.strip()] = float(value)
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError
         except ValueError:
-            raise AdapteditError(f"{what}: {item.strip()!r} is not NAME=NUMBER") from None
+            raise UsageError(f"{what}: {item.strip()!r} is not NAME=NUMBER") from None
+        if key in out:
+            raise UsageError(f"{what}: {key!r} is given twice")
+        if key.startswith("re:"):
+            try:
+                re.compile(key[3:])
+            except re.error as e:
+                raise UsageError(f"{what}: {key!r} is not a valid regular expression ({e})"
+                                 ) from None
+        out[key] = int(v) if v == int(v) else v
     return out
+
+
+def pattern_unmatched(names: list[str], pattern: dict) -> list[str]:
+    """The pattern keys that select none of ``names`` (a typo, or another architecture's names)."""
+    return [k for k in pattern if all(pattern_value(n, {k: 0}, None) is None for n in names)]
 
 
 def pattern_value(name: str, pattern: dict[str, float], default):

@@ -45,6 +45,7 @@ STATE_TENSORS = "trainer_state.safetensors"
 METRICS = "metrics.jsonl"
 DEFAULT_LR = {"lora": 2e-4, "pissa": 2e-5, "milora": 3e-4, "olora": 2e-4, "delora": 2e-4}
 LR_SOURCE = {"pissa": "PiSSA paper", "milora": "MiLoRA paper"}
+PATHS = ("data", "eval_data", "chat_template")
 # options that fix the trajectory: --resume refuses to change them
 LOCKED = ("data", "eval_data", "eval_split", "steps", "epochs", "batch_size", "grad_accum",
           "max_length", "lr", "lr_schedule", "warmup", "weight_decay", "max_grad_norm",
@@ -107,9 +108,21 @@ def make_config(cli: dict, config_file: Path | None = None, *,
     """Defaults < config file < command line. Returns the config and the names set explicitly."""
     given = load_toml(config_file) if config_file else {}
     given.update({k: v for k, v in cli.items() if v is not None})
+    for k in PATHS:  # absolute: a run resumes from any working directory
+        if given.get(k):
+            given[k] = str(Path(given[k]).expanduser().absolute())
     cfg = TrainConfig(**given)
     validate(cfg, resume=resume)
     return cfg, set(given)
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return a == b
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def validate(cfg: TrainConfig, resume: bool = False) -> None:
@@ -400,19 +413,23 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
         last = ckpts[-1]
         state = json.loads((last / STATE_JSON).read_text())
         saved = TrainConfig(**state["config"])
-        changed = [k for k in LOCKED if k in given and getattr(cfg, k) != getattr(saved, k)]
+        adapter = load_adapter(last)
+        if saved.lr is None:  # runs record the method's default as "no --lr"
+            saved.lr = DEFAULT_LR.get(adapter.config.method, 2e-4)
+        changed = [k for k in LOCKED if k in given and getattr(cfg, k) != getattr(saved, k)
+                   and not (k in PATHS and _same_file(getattr(cfg, k), getattr(saved, k)))]
         if changed:
-            raise UsageError(f"--resume continues the run of {last} exactly, but "
-                             + ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (was "
-                                         f"{getattr(saved, k)!r})" for k in changed)
-                             + " differ; drop them or start a new run with -o NEW_DIR")
+            raise UsageError(f"--resume continues the run of {last} exactly, but this command "
+                             "changes " + ", ".join(f"--{k.replace('_', '-')} to "
+                                                    f"{getattr(cfg, k)!r} (the run has "
+                                                    f"{getattr(saved, k)!r})" for k in changed)
+                             + "; drop them, or start a new run with -o NEW_DIR")
         for k in TrainConfig.names():
             if k not in given or k in LOCKED:
                 setattr(cfg, k, getattr(saved, k))
         from safetensors.torch import load_file
 
         state_tensors = load_file(str(last / STATE_TENSORS))
-        adapter = load_adapter(last)
         start = int(state["step"])
     else:
         adapter = load_adapter(adapter_dir)

@@ -234,6 +234,7 @@ BAD = [
     ('{"messages": [{"role": "user"}]}', "messages[0] must be an object with 'role' and 'content'"),
     ('{"messages": [{"role": "user", "content": ["x"]}]}', "messages[0].content must be a string"),
     ('{"messages": [{"role": "", "content": "x"}]}', "messages[0].role must be a non-empty string"),
+    ('{"messages": [{"role": "wizard", "content": "x"}]}', "messages[0].role 'wizard' is not one of"),
     ('{"prompt": "a", "completion": "b"}', "row is in prompt-completion format but the file's first"),
 ]
 

@@ -200,19 +200,33 @@ def test_cli_init_writes_self_describing_folder(tiny_llama, tmp_path):
     assert (out / "adapter.safetensors").stat().st_mode & 0o044
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["-r", "0"], "positive integer"),
-    (["-r", "40"], "exceeds min(out, in)"),
-    (["-m", "nope"], "unknown method"),
-    (["-t", "nothing_here"], "matches no module"),
-    (["--device", "cuda"], "no CUDA"),
+@pytest.mark.parametrize("args,needle,expect", [
+    # the command line itself is wrong: usage error, exit 2
+    (["-r", "0"], "positive integer", 2),
+    (["-m", "nope"], "unknown method", 2),
+    (["-t", ""], "--targets is empty", 2),
+    (["-t", "re:["], "invalid regular expression", 2),
+    (["--svd", "bogus"], "--svd", 2),
+    (["--device", "tpu"], "--device", 2),
+    (["--niter", "-1"], "--niter", 2),
+    (["--alpha", "-1"], "--alpha", 2),
+    (["--alpha", "nan"], "--alpha", 2),
+    (["-m", "delora", "--delora-lambda", "0"], "--delora-lambda", 2),
+    (["--rank-pattern", "mlp"], "is not NAME=NUMBER", 2),
+    (["--rank-pattern", "mlp=2,mlp=3"], "given twice", 2),
+    (["--rank-pattern", "re:[=2"], "not a valid regular expression", 2),
+    # wrong for this model or this machine: runtime error, exit 1
+    (["-r", "40"], "exceeds min(out, in)", 1),
+    (["-t", "nothing_here"], "matches no module", 1),
+    (["--rank-pattern", "nomatch=2"], "'nomatch' matches none of the targeted modules", 1),
+    (["--device", "cuda"], "no CUDA", 1),
 ])
-def test_cli_init_bad_input(tiny_llama, tmp_path, args, needle):
+def test_cli_init_bad_input(tiny_llama, tmp_path, args, needle, expect):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     out = tmp_path / "ad"
     code, _, stderr = run_cli(["init", str(tiny_llama), "-o", str(out), *args])
-    assert code == 1
+    assert code == expect, stderr
     assert needle in stderr and stderr.startswith("error:") and stderr.count("\n") == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
 

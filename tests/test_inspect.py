@@ -301,3 +301,17 @@ def test_randomized_base_svd_and_damaged_cache(tiny_llama, tmp_path, monkeypatch
     again = by_name(inspect_adapters([folder]))
     assert again[r["name"]]["e_top"] == pytest.approx(exact[r["name"]]["e_top"], rel=1e-6)
     assert inspect_adapters([folder])["svd_cache"]["hits"] == 14
+
+
+def test_verdict_is_relative_to_a_random_update():
+    """E_top alone misleads when k is a large share of the dimensions: isotropic noise with
+    E_top ≈ E_bottom ≈ 0.7 and a random baseline of 0.77 is spread, not concentrated."""
+    from adaptedit.inspect import verdict
+
+    base = {"modules": 4, "zero": 0, "rel": 0.01, "intruders": 0}
+    noise = verdict({**base, "e_top": 0.69, "e_bottom": 0.70, "e_random": 0.77}, "checkpoints")
+    assert "spread across the spectrum" in noise
+    top = verdict({**base, "e_top": 0.82, "e_bottom": 0.02, "e_random": 0.055}, "adapter")
+    assert "principal subspace" in top
+    low = verdict({**base, "e_top": 0.03, "e_bottom": 0.9, "e_random": 0.055}, "adapter")
+    assert "minor subspace" in low

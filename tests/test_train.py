@@ -195,7 +195,7 @@ def test_ctrl_c_saves_and_resume_is_bit_identical(work, reference):
 
 
 def test_resume_refuses_changed_options_and_missing_checkpoints(work, reference, tmp_path):
-    with pytest.raises(UsageError, match="--lr 0.5 .*was 0.01"):
+    with pytest.raises(UsageError, match=r"--lr to 0.5 \(the run has 0.01\)"):
         run_train(work / "lora", work / "train.jsonl", out=reference, resume=True, lr=0.5)
     with pytest.raises(AdapteditError, match="already finished"):
         run_train(work / "lora", work / "train.jsonl", out=reference, resume=True)
@@ -205,6 +205,14 @@ def test_resume_refuses_changed_options_and_missing_checkpoints(work, reference,
         run_train(reference, work / "train.jsonl", steps=2)
     with pytest.raises(AdapteditError, match="found no checkpoint"):
         run_train(work / "lora", work / "train.jsonl", out=tmp_path, resume=True)
+
+
+def test_data_paths_are_recorded_absolute_so_resume_works_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg, given = T.make_config({"data": "d/train.jsonl", "eval_data": "d/valid.jsonl"})
+    assert cfg.data == str(tmp_path / "d/train.jsonl") and "data" in given
+    assert cfg.eval_data == str(tmp_path / "d/valid.jsonl")
+    assert T._same_file(cfg.data, str(tmp_path / "d" / ".." / "d" / "train.jsonl"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(work, tmp_path):

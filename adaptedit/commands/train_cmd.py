@@ -26,21 +26,21 @@ def train(
     eval_split: float = typer.Option(None, "--eval-split", help="Hold out this fraction of --data for evaluation."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch)."),
     epochs: float = typer.Option(None, "--epochs", help="Epochs over --data (instead of --steps)."),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Examples per micro-batch and process [8]."),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [1]."),
-    max_length: int = typer.Option(None, "--max-length", help="Truncate examples to this many tokens [1024]."),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate [method default: LoRA 2e-4, PiSSA 2e-5, MiLoRA 3e-4]."),
-    lr_schedule: str = typer.Option(None, "--lr-schedule", help="cosine | linear | constant [cosine]."),
-    warmup: float = typer.Option(None, "--warmup", help="Warmup steps (≥ 1) or fraction of steps (< 1) [0]."),
-    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay [0]."),
-    max_grad_norm: float = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm; 0 = off [1.0]."),
-    mask_prompt: bool = typer.Option(None, "--mask-prompt/--no-mask-prompt", help="Train only on completions / assistant turns [mask]."),
-    device: str = typer.Option(None, "--device", help="auto (cuda when present), cpu or cuda [auto]."),
-    dtype: str = typer.Option(None, "--dtype", help="auto | bf16 | fp16 | fp32 [auto: bf16 on GPU, fp32 on CPU]."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Examples per micro-batch and process (default: 8)."),
+    grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step (default: 1)."),
+    max_length: int = typer.Option(None, "--max-length", help="Truncate examples to this many tokens (default: 1024)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: the method's, LoRA 2e-4, PiSSA 2e-5, MiLoRA 3e-4)."),
+    lr_schedule: str = typer.Option(None, "--lr-schedule", help="cosine | linear | constant (default: cosine)."),
+    warmup: float = typer.Option(None, "--warmup", help="Warmup steps (≥ 1) or fraction of steps (< 1) (default: 0)."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0)."),
+    max_grad_norm: float = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm; 0 = off (default: 1.0)."),
+    mask_prompt: bool = typer.Option(None, "--mask-prompt/--no-mask-prompt", help="Train only on completions / assistant turns (default: mask)."),
+    device: str = typer.Option(None, "--device", help="auto (cuda when present), cpu or cuda (default: auto)."),
+    dtype: str = typer.Option(None, "--dtype", help="auto | bf16 | fp16 | fp32 (default: auto, bf16 on GPU, fp32 on CPU)."),
     grad_checkpointing: bool = typer.Option(None, "--grad-checkpointing", help="Recompute activations in backward (less memory)."),
-    eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps [start and end only]."),
-    save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps [100]; always at the end."),
-    seed: int = typer.Option(None, "--seed", help="Seed for data order and dropout [0]."),
+    eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps (default: start and end only)."),
+    save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (default: 100); always at the end."),
+    seed: int = typer.Option(None, "--seed", help="Seed for data order and dropout (default: 0)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint, exactly."),
     config: Path = typer.Option(None, "--config", help="TOML file with any of these options (flags win)."),
     show_example: bool = typer.Option(False, "--show-example", help="Print one tokenized example (trained tokens highlighted) and exit."),
@@ -90,7 +90,7 @@ def train(
     for k, v in summary.items():
         if isinstance(v, float):
             v = f"{v:.4f}" if k.endswith("loss") else f"{v:,.1f}"
-        table.add_row(k, str(v))
+        table.add_row(k, "–" if v is None else str(v))
     console.show(table)
 
 

@@ -12,7 +12,7 @@ Every method module defines, as pure tensor functions:
 DoRA (:mod:`adaptedit.methods.dora`) is a modifier on top of any of them.
 """
 
-from adaptedit.errors import AdapteditError
+from adaptedit.errors import UsageError
 from adaptedit.methods import delora, lora, olora, pissa
 
 METHODS = {
@@ -28,4 +28,4 @@ def get(name: str):
     try:
         return METHODS[name]
     except KeyError:
-        raise AdapteditError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+        raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
