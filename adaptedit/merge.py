@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -36,13 +37,13 @@ from adaptedit.adapter import (Adapter, base_for, check_weight, lowrank_delta,
                                recorded_targets, write_atomic_dir)
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.methods import dora
-from adaptedit.models import TOKENIZER_FILES, ModelSource
+from adaptedit.models import ST_DTYPES, TOKENIZER_FILES, ModelSource
 from adaptedit.targets import from_w, to_w
 
 COMBINE = ("linear", "ties", "dare_linear", "dare_ties")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-DEFAULT_SHARD = "200MB"
+DEFAULT_SHARD = "5GB"  # as transformers; streaming makes memory independent of it
 VERIFY_PROMPTS = ["The capital of France is", "Write the date 1987-03-05 in words.",
                   "Tom has 23 apples. He buys 15 more and gives away 9."]
 # max |Δlogit| allowed between the adapter model and the merged folder, relative to max(1, |logit|)
@@ -195,6 +196,42 @@ def _config_dtype(source: ModelSource, ckpt) -> torch.dtype:
     return torch.float32
 
 
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def write_safetensors(path: Path, specs: dict, produce, metadata: dict | None = None) -> None:
+    """Write a safetensors file one tensor at a time: ``specs`` is {name: (shape, dtype)} in file
+    order and ``produce(name)`` returns each tensor when its turn comes.
+
+    safetensors' ``save_file`` needs every tensor of a file in memory at once; a merge would then
+    hold a whole output shard. The format is simple enough to stream (an 8-byte little-endian header
+    length, a JSON header with each tensor's dtype, shape and byte range, padded with spaces to a
+    multiple of 8, then the raw bytes in order), so the peak is one tensor whatever the shard size.
+    Files read back with ``safe_open`` and transformers like any other.
+    """
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, (shape, dtype) in specs.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, (shape, dtype) in specs.items():
+            t = produce(name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:  # a bug, never user input
+                raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned "
+                                   f"{tuple(shape)} {dtype}")
+            if t.numel():
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del t
+
+
 def _open_files(ckpt) -> dict:
     """Handles on the base shards, with the pread backend where this safetensors has it (reads do
     not map the file into the process, so the page cache of the base is not counted as ours)."""
@@ -318,25 +355,23 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
     total_bytes = sum(math.prod(ckpt.shape(k)) * ckpt.dtype(k).itemsize for k in keys)
     task = progress.add_task("Merging", total=total_bytes) if progress else None
 
-    def write(tmp: Path):
-        from safetensors.torch import save_file
+    def produce(key: str) -> torch.Tensor:
+        raw = _read(handles, ckpt, key)
+        if key in plan:
+            t = _merge_tensor(adapters, plan[key], raw, key, weights, opts, source.ref,
+                              target_dtype(key))
+            result.tensors_merged += 1
+        else:
+            t = raw if raw.dtype == target_dtype(key) else raw.to(target_dtype(key))
+            result.tensors_copied += 1
+        if progress:
+            progress.advance(task, raw.numel() * raw.element_size())
+        return t
 
+    def write(tmp: Path):
         for filename, shard_keys in split.filename_to_tensors.items():
-            shard = {}
-            for key in shard_keys:
-                raw = _read(handles, ckpt, key)
-                if key in plan:
-                    shard[key] = _merge_tensor(adapters, plan[key], raw, key, weights, opts,
-                                               source.ref, target_dtype(key))
-                    result.tensors_merged += 1
-                else:
-                    shard[key] = raw if raw.dtype == target_dtype(key) else raw.to(target_dtype(key))
-                    result.tensors_copied += 1
-                if progress:
-                    progress.advance(task, raw.numel() * raw.element_size())
-                del raw
-            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
-            del shard
+            specs = {k: (tuple(ckpt.shape(k)), target_dtype(k)) for k in shard_keys}
+            write_safetensors(tmp / filename, specs, produce, metadata={"format": "pt"})
         if split.is_sharded:
             index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2,

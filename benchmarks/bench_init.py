@@ -34,7 +34,6 @@ def main() -> None:
 
     from adaptedit.init import InitOptions, build
     from adaptedit.models import resolve
-    from adaptedit.targets import to_w
 
     torch.manual_seed(0)
     source = resolve(None)

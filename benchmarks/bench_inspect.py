@@ -14,7 +14,6 @@ process, with torch's default 2 threads on the 2-core machines. Prints a Markdow
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile

@@ -7,7 +7,7 @@ vocab 32000; 8 layers ≈ 1.1 GB, 18 layers ≈ 2.1 GB), a rank-16 adaptedit LoR
 layers with random nonzero B (and the same adapter exported to PEFT), then runs, each in its own
 subprocess under /usr/bin/time -v (peak RSS, wall):
 
-    adaptedit   adaptedit merge ADAPTER --no-verify -o OUT            (default 200MB shards)
+    adaptedit   adaptedit merge ADAPTER --no-verify -o OUT            (default 5GB shards, streamed)
     peft        AutoModelForCausalLM.from_pretrained(fp16) → PeftModel.from_pretrained →
                 merge_and_unload() → save_pretrained(OUT)
     copy        read every base file and write it again in 16 MiB blocks (the I/O floor)
@@ -227,15 +227,15 @@ def render(rows: list[dict], command: str) -> str:
     lines += [
         "Where the time and memory go (profiled on this machine): a fixed cost of about 2 s per "
         "run (Python + torch import ≈ 1.5 s, the CLI, the safetensors headers), then "
-        "safetensors' `save_file` writing at about 0.5–0.6 GB/s, about as fast as the whole "
+        "the shard writes at about 0.5–0.6 GB/s, about as fast as the whole "
         "read + write copy, plus the merge arithmetic (B@A and the casts, ≈ 1 s per GB on 2 cores). "
-        "So the 1.5× of the copy cannot be met with `save_file` writing the bytes and the "
-        "arithmetic on the same two cores; a writer thread overlapping compute and writes gained "
-        "under 10% in a test and was not kept. Peak RSS is flat in the model size: the torch "
-        "import (≈ 0.23 GiB) + one output shard (`--max-shard-size`, default 200MB) + a few "
-        "float32 copies of the largest tensor; the 25%-of-PEFT target is met only when PEFT's "
-        "footprint (≈ 1.15× the model + 0.3 GiB here) is more than 4× that floor, i.e. for fp16 models above ~2.5 GB. "
-        "A smaller `--max-shard-size` lowers it further.",
+        "So the 1.5× of the copy cannot be met with the bytes written and the arithmetic done on "
+        "the same two cores; a writer thread overlapping compute and writes gained under 10% in a "
+        "test and was not kept. Output shards are streamed tensor by tensor "
+        "(`merge.write_safetensors`), so peak RSS is flat in both the model size and "
+        "`--max-shard-size`: the torch import (≈ 0.23 GiB) + the largest tensor (raw and a few "
+        "float32 copies when it is merged); the 25%-of-PEFT target is met once PEFT's footprint "
+        "(≈ 1.15× the model + 0.3 GiB here) is more than 4× that floor.",
         "",
     ]
     return "\n".join(lines)

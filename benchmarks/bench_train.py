@@ -136,8 +136,8 @@ def main():
         r = json.loads(p.stdout.strip().splitlines()[-1])
         results[(impl, method)] = r
         print(json.dumps(r), flush=True)
-    print(f"\n| method | adaptedit tok/s | PEFT tok/s | speed-up | adaptedit peak RSS MB | "
-          f"PEFT peak RSS MB |\n|---|---|---|---|---|---|")
+    print("\n| method | adaptedit tok/s | PEFT tok/s | speed-up | adaptedit peak RSS MB | "
+          "PEFT peak RSS MB |\n|---|---|---|---|---|---|")
     for method in ("lora", "pissa", "dora"):
         ours, peft = results.get(("adaptedit", method)), results.get(("peft", method))
         if ours and peft:

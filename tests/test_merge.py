@@ -288,6 +288,28 @@ def test_usage_errors(tiny_llama, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_streamed_safetensors_file_reads_back(tmp_path):
+    """Our one-tensor-at-a-time writer against safetensors' own reader: every dtype, 0-d and empty
+    tensors, metadata; and the same tensors as save_file writes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from adaptedit.merge import write_safetensors
+
+    ts = {"w": torch.randn(3, 5), "h": torch.randn(4, 2).half(), "b": torch.randn(7).bfloat16(),
+          "s": torch.tensor(2.5), "e": torch.zeros(0, 4), "i": torch.arange(6).view(2, 3),
+          "m": torch.tensor([True, False])}
+    write_safetensors(tmp_path / "a.safetensors", {k: (tuple(v.shape), v.dtype) for k, v in ts.items()},
+                      ts.__getitem__, {"format": "pt"})
+    save_file(ts, str(tmp_path / "b.safetensors"), metadata={"format": "pt"})
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() == ts.keys()
+    for k in ts:
+        assert a[k].dtype == ts[k].dtype and torch.equal(a[k], b[k]), k
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"} and list(f.keys()) == sorted(ts)
+
+
 def test_parse_size():
     from adaptedit.merge import parse_size
 
@@ -300,16 +322,16 @@ def test_sigterm_removes_temp_folder(tiny_llama, tmp_path, monkeypatch):
     import os
     import signal
 
-    import safetensors.torch
+    import adaptedit.merge as M
 
     ad = make_adapter(tiny_llama, tmp_path / "ad")
-    real = safetensors.torch.save_file
+    real = M.write_safetensors
 
     def killed(*a, **k):
         real(*a, **k)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    monkeypatch.setattr(M, "write_safetensors", killed)
     old = signal.getsignal(signal.SIGTERM)
     try:
         code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "m"), "--no-verify"])
@@ -339,14 +361,16 @@ def test_truncated_base_shard(tiny_llama_sharded, tmp_path):
 
 
 def test_enospc_removes_temp_folder(tiny_llama, tmp_path, monkeypatch):
-    import safetensors.torch
+    import adaptedit.merge as M
 
     ad = make_adapter(tiny_llama, tmp_path / "ad")
+    real = M.write_safetensors
 
-    def full(*a, **k):
+    def full(path, specs, produce, metadata=None):
+        real(path, specs, produce, metadata)  # the disk fills up after the first shard
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(M, "write_safetensors", full)
     with pytest.raises(AdapteditError, match="No space left"):
         merge([load_adapter(ad)], tmp_path / "m")
     assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path, "m")

@@ -58,7 +58,7 @@ def merge(
     density: float = typer.Option(1.0, "--density", help="Fraction kept by ties/dare, in (0, 1]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the dare drop pattern."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's) | bf16 | fp16 | fp32."),
-    max_shard_size: str = typer.Option("200MB", "--max-shard-size", help="Largest output shard (also the merge's memory peak)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB (shards are written tensor by tensor: memory does not depend on it)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare logits of base+adapter and the merged model (default on when it fits in memory)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model folder."),
     force: bool = FORCE,
