@@ -157,7 +157,11 @@ def write_atomic_dir(folder: Path, write, *, force: bool) -> None:
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
-            os.replace(tmp, folder)
+            try:
+                os.replace(tmp, folder)
+            except BaseException:
+                os.replace(old, folder)  # the user's folder back where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
@@ -216,7 +220,9 @@ def load_adapter(folder: str | Path) -> Adapter:
     if config.format_version > FORMAT_VERSION:
         raise AdapteditError(f"{cfg_path}: format version {config.format_version} is newer than "
                              f"this adaptedit ({__version__}) reads; upgrade adaptedit")
-    methods.get(config.method)
+    if config.method not in methods.METHODS:
+        raise AdapteditError(f"{cfg_path}: unknown method {config.method!r}; this adaptedit "
+                             f"({__version__}) knows {', '.join(methods.METHODS)}")
     tpath = folder / TENSORS_NAME
     if not tpath.exists():
         raise AdapteditError(f"{folder}: {TENSORS_NAME} is missing; the adapter folder is incomplete (copy it again or rerun init)")

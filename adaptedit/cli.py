@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM (a scheduler, `timeout`, `kill`) unwinds like Ctrl-C: temporary folders are removed
     # and `train` saves a checkpoint. The previous handler is back when main() returns.
     old = signal.getsignal(signal.SIGTERM)
-    with contextlib.suppress(ValueError):  # not the main thread (embedded use): leave it be
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    if old is not signal.SIG_IGN:  # a parent that ignores SIGTERM for us keeps it ignored
+        with contextlib.suppress(ValueError):  # not the main thread (embedded use): leave it be
+            signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         sys.exit(_run(argv))
     finally:

@@ -36,7 +36,8 @@ from adaptedit.errors import AdapteditError
 
 IGNORE = -100
 FORMATS = ("text", "prompt-completion", "messages")
-# the roles chat templates know (OpenAI's and Hugging Face's conventions); anything else is a typo
+# the roles chat templates know (OpenAI's and Hugging Face's conventions); other roles must appear in
+# the chat template itself, else they are taken for a typo
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
             ".parquet": "parquet", ".pq": "parquet"}
@@ -217,9 +218,6 @@ def row_format(row) -> str:
                 raise BadRow(f"messages[{j}] must be an object with 'role' and 'content'")
             if not isinstance(m["role"], str) or not m["role"]:
                 raise BadRow(f"messages[{j}].role must be a non-empty string")
-            if m["role"] not in ROLES:
-                raise BadRow(f"messages[{j}].role {m['role']!r} is not one of "
-                             f"{', '.join(ROLES)}")
             if not isinstance(m["content"], str):
                 raise BadRow(f"messages[{j}].content must be a string, got "
                              f"{type(m['content']).__name__}")
@@ -314,6 +312,10 @@ class Tokenize:
         if self.template is None:
             raise AdapteditError("the tokenizer has no chat template, so 'messages' rows cannot be "
                                  "rendered; pass --chat-template FILE (a Jinja template)")
+        for j, m in enumerate(messages):  # a typo, unless the template knows the role (GLM's
+            if m["role"] not in ROLES and m["role"] not in self.template:  # observation)
+                raise BadRow(f"messages[{j}].role {m['role']!r} is neither a standard role "
+                             f"({', '.join(ROLES)}) nor one the chat template mentions")
         try:
             if self.generation_tags:
                 enc = self.tok.apply_chat_template(messages, tokenize=True, return_dict=True,

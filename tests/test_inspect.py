@@ -315,3 +315,19 @@ def test_verdict_is_relative_to_a_random_update():
     assert "principal subspace" in top
     low = verdict({**base, "e_top": 0.03, "e_bottom": 0.9, "e_random": 0.055}, "adapter")
     assert "minor subspace" in low
+
+
+def test_layer_grid_survives_non_finite_values():
+    """One exponent per grid is chosen from the finite values; NaN cells print, nothing raises."""
+    from rich.console import Console
+
+    from adaptedit.commands.inspect_cmd import summary_table
+
+    mods = [{"name": f"m.layers.{i}.q_proj", "layer": i, "type": "q_proj", "rel": v}
+            for i, v in enumerate([0.004, float("nan"), float("inf")])]
+    report = {"modules": mods, "by_layer": {}, "by_type": {"q_proj": {"rel": 0.004}},
+              "model": {"rel": 0.004}}
+    con = Console(width=80, record=True)
+    con.print(summary_table(report))
+    text = con.export_text()
+    assert "×1e-3" in text and "nan" in text and "4.00" in text

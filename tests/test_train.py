@@ -179,15 +179,17 @@ def test_sigkill_then_resume_is_bit_identical(work, reference):
     assert losses(out) == losses(reference)
 
 
-def test_ctrl_c_saves_and_resume_is_bit_identical(work, reference):
-    out = work / "interrupted"
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_and_resume_is_bit_identical(work, reference, sig):
+    """Ctrl-C, or SIGTERM from a scheduler: a checkpoint, exit 128 + signal, exact resume."""
+    out = work / f"interrupted-{int(sig)}"
     proc = _launch(work, out, ["--steps", 9])
     _wait_for(out / "checkpoints" / "step-000003", proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:  # the run was faster than the signal
-        pytest.skip("run finished before SIGINT arrived")
-    assert proc.returncode == 130, err
+        pytest.skip("run finished before the signal arrived")
+    assert proc.returncode == 128 + int(sig), err
     assert b"interrupted at step" in err and b"--resume" in err
     run_train(work / "lora", work / "train.jsonl", out=out, resume=True)
     ref, got = tensors(reference), tensors(out)

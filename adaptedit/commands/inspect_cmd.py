@@ -89,7 +89,8 @@ def summary_table(report: dict, metric: str = "rel") -> Table:
     layers = sorted({r["layer"] for r in modules if r["layer"] is not None})
     cell = {(r["layer"], r["type"]): r for r in modules}
     f = ".2f" if metric.startswith("e_") else "d" if metric == "intruders" else ".3g"
-    values = [abs(v) for v in (r.get(metric) for r in modules) if isinstance(v, (int, float)) and v]
+    values = [abs(v) for v in (r.get(metric) for r in modules)
+              if isinstance(v, (int, float)) and v and math.isfinite(v)]
     scale, unit = 1.0, ""
     if f == ".3g" and values and not 0.1 <= max(values) < 1000:
         # one exponent for the whole table keeps the cells short enough for an 80-column terminal

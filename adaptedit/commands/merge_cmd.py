@@ -68,12 +68,13 @@ def merge(
 ):
     """Fold adapter(s) into the base weights: a safetensors model folder transformers loads as is."""
     from adaptedit.adapter import load_adapter
-    from adaptedit.merge import MergeOptions
+    from adaptedit.merge import MergeOptions, parse_size
     from adaptedit.merge import merge as do_merge
 
     console.configure(quiet=quiet, json_mode=json_)
     if out.exists() and not force:
         raise AdapteditError(f"{out}: already exists; pass --force to replace it")
+    parse_size(max_shard_size)  # a usage error before any model is resolved
     opts = MergeOptions(weights=_parse_weights(weights), combine=combine, density=density,
                         seed=seed, dtype=dtype, max_shard_size=max_shard_size, verify=verify)
     loaded = [load_adapter(a) for a in adapters]

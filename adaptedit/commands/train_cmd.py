@@ -76,7 +76,7 @@ def train(
         reporter.close()
         console.warn(f"interrupted at step {e.step}: checkpoint saved in {e.path}; continue with "
                      f"`adaptedit train {adapter_dir}{' -o ' + str(out) if out else ''} --resume`")
-        sys.exit(130)
+        sys.exit(128 + e.signum)  # 130 after Ctrl-C, 143 after SIGTERM
     finally:
         reporter.close()
     if not dist.main:
