@@ -20,7 +20,6 @@ the base weight, its cached SVD and ΔW, either dense or as factors P @ Q (never
 
 from __future__ import annotations
 
-
 import torch
 
 # ----------------------------------------------------------------------------------------------

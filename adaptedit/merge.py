@@ -175,6 +175,7 @@ def validate_options(adapters: list[Adapter], opts: MergeOptions) -> list[float]
                          "give one weight per adapter")
     if any(not math.isfinite(w) for w in weights):
         raise UsageError("--weights: every weight must be a finite number")
+    parse_size(opts.max_shard_size)  # a usage error now, before any model is read
     return [float(w) for w in weights]
 
 
@@ -342,11 +343,7 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
         return out_dtype if (out_dtype is not None and dt.is_floating_point) else dt
 
     meta = {k: torch.empty(ckpt.shape(k), dtype=target_dtype(k), device="meta") for k in keys}
-    try:
-        split = split_torch_state_dict_into_shards(meta, max_shard_size=parse_size(
-            opts.max_shard_size))
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"--max-shard-size {opts.max_shard_size!r}: {e}") from None
+    split = split_torch_state_dict_into_shards(meta, max_shard_size=parse_size(opts.max_shard_size))
     del meta
 
     result = MergeResult(out=str(out), base=source.ref, adapters=[str(a.path) for a in adapters],

@@ -116,6 +116,11 @@ def make_config(cli: dict, config_file: Path | None = None, *,
     return cfg, set(given)
 
 
+def method_lr(method: str) -> float:
+    """The learning rate used when --lr is not given: the method paper's, else LoRA's 2e-4."""
+    return DEFAULT_LR.get(method, 2e-4)
+
+
 def _same_file(a: str | None, b: str | None) -> bool:
     if not a or not b:
         return a == b
@@ -415,7 +420,7 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
         saved = TrainConfig(**state["config"])
         adapter = load_adapter(last)
         if saved.lr is None:  # runs record the method's default as "no --lr"
-            saved.lr = DEFAULT_LR.get(adapter.config.method, 2e-4)
+            saved.lr = method_lr(adapter.config.method)
         changed = [k for k in LOCKED if k in given and getattr(cfg, k) != getattr(saved, k)
                    and not (k in PATHS and _same_file(getattr(cfg, k), getattr(saved, k)))]
         if changed:
@@ -463,7 +468,7 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
     g = cfg.batch_size * cfg.grad_accum * dist.world
     total = cfg.steps if cfg.steps is not None else math.ceil((cfg.epochs or 1.0) * len(train_data) / g)
     warm = int(cfg.warmup) if cfg.warmup >= 1 else int(round(cfg.warmup * total))
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(adapter.config.method, 2e-4)
+    lr = cfg.lr if cfg.lr is not None else method_lr(adapter.config.method)
     if start >= total:
         raise AdapteditError(f"{folder}: the run already finished ({start}/{total} steps)")
     if not resume and out is not None:
