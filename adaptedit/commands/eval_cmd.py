@@ -1,0 +1,80 @@
+"""`adaptedit eval`: loss and exact match of a model or an adapter on a held-out file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from adaptedit import console
+from adaptedit.commands.common import DEVICE, JSON, QUIET, TRUST
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_)
+
+
+def eval_(
+    ref: str = typer.Argument(..., metavar="MODEL_OR_ADAPTER", help="A model (hub id, folder, .gguf, smollm2-135m) or an adapter folder (adaptedit or PEFT), evaluated attached, not merged."),
+    data: Path = typer.Option(..., "--data", "-d", help="Held-out file (JSONL/JSON/CSV/Parquet; the formats and masking of train)."),
+    base: str = typer.Option(None, "--base", "-b", help="Base model of an adapter (default: the one it records)."),
+    retain_data: Path = typer.Option(None, "--retain-data", help="General-text file: its loss too, to measure forgetting."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest greedy generation per row."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass / generation batch."),
+    limit: int = typer.Option(None, "--limit", help="Evaluate the first N rows only."),
+    generate: bool = typer.Option(True, "--generate/--no-generate", help="Exact match by greedy generation (--no-generate: loss only)."),
+    max_length: int = typer.Option(None, "--max-length", help="Truncate examples to this many tokens (default: train's, 1024)."),
+    device: str = DEVICE,
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16/fp16 on GPU) | bf16 | fp16 | fp32."),
+    show: int = typer.Option(3, "--show", help="Print this many generations with their answers (0: none)."),
+    json_: bool = JSON,
+    quiet: bool = QUIET,
+    trust_remote_code: bool = TRUST,
+):
+    """Loss per trained token (as train's eval loss) and exact match by greedy generation."""
+    from adaptedit.errors import UsageError
+    from adaptedit.evaluate import EvalOptions, evaluate
+
+    console.configure(quiet=quiet, json_mode=json_)
+    if show < 0:
+        raise UsageError("--show must be ≥ 0")
+    opts = EvalOptions(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
+                       generate=generate, max_length=max_length, device=device, dtype=dtype)
+    opts.validate()
+    names = {"loss": "loss", "retain": "retain loss", "generate": "generating"}
+    with console.progress(transient=True) as bar:
+        tasks = {}
+
+        def progress(stage, done, total):
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(names[stage], total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = evaluate(ref, data, opts, base=base, retain_data=retain_data,
+                          trust_remote_code=trust_remote_code, progress=progress)
+    if json_:
+        console.emit_json(result)
+        return
+    for g in result["generations"][:show]:
+        mark = "✓" if g["correct"] else "✗"
+        console.show(Text(f"{mark} {g['generation'].strip()[:120]!r}  (answer {g['answer']!r})"))
+    table = Table(show_header=False, title="adaptedit eval")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = {"model": result["model"], "adapter": result["adapter"] or "none",
+            "data": result["data"], "rows": result["rows"], "trained tokens": result["tokens"],
+            "loss": f"{result['loss']:.4f}"}
+    if "retain_loss" in result:
+        rows["retain loss"] = f"{result['retain_loss']:.4f} ({result['retain_data']})"
+    if result["exact_match"] is not None:
+        n = result["n_scored"]
+        rows["exact match"] = f"{round(result['exact_match'] * n)}/{n} = {result['exact_match']:.1%}"
+        rows["exact match (strict ####)"] = (f"{round(result['exact_match_strict'] * n)}/{n} = "
+                                             f"{result['exact_match_strict']:.1%}")
+    elif generate:
+        rows["exact match"] = "n/a (no row has a reference answer)"
+    for k, v in rows.items():
+        table.add_row(k, str(v))
+    console.show(table)

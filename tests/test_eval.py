@@ -1,0 +1,147 @@
+"""eval: exact-match scoring on tricky strings; the loss equals train's eval loss for the same
+adapter and file (1e-6 relative) and the merged folder's (1e-4); batched left-padded generation
+equals one-row greedy decoding; the command line (--json, --retain-data, refusals, one-line errors)."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from adaptedit import train as T
+from adaptedit.adapter import save_adapter
+from adaptedit.evaluate import EvalOptions, as_number, evaluate, extract_answer, score
+from adaptedit.init import InitOptions, build
+from adaptedit.models import resolve
+
+from helpers import run_cli
+
+
+@pytest.mark.parametrize("reference,answer", [
+    ("She has 3 + 4 = 7 eggs.\n#### 7", "7"),
+    ("a #### b #### -12 ", "-12"),
+    ("  Paris \n", "Paris"),
+    ("#### 1,234", "1,234"),
+])
+def test_extract_answer(reference, answer):
+    assert extract_answer(reference) == answer
+
+
+@pytest.mark.parametrize("generation,answer,flexible,strict", [
+    ("3 + 4 = 7 eggs.\n#### 7", "7", True, True),             # GSM8K style
+    ("#### 7\nQuestion: next one has 9", "7", False, True),   # strict reads the #### line only
+    ("The answer is -3.", "-3", True, False),                 # negative, trailing period
+    ("10-3=7", "7", True, False),                              # hyphen is not a sign
+    ("10 - 3 = -7", "-7", True, False),
+    ("It costs $1,234.00 in total.", "1234", True, False),    # $, thousands, .00
+    ("It costs 1234", "$1,234", True, False),                 # the answer normalised too
+    ("pi is about 3.14", "3.140", True, False),               # decimals
+    ("2.5 or 3.5?", "2.5", False, False),                     # the LAST number counts
+    ("The distance is 42 km", "42", True, False),             # units after the number
+    ("The distance is 42 km", "42 km", False, False),         # non-number answer: first line
+    ("42 km\nmore text", "42 km", True, False),
+    ("I do not know", "5", False, False),                     # no number at all
+    ("", "5", False, False),
+    ("#### 1,234", "1,234", True, True),
+    ("Paris.", "Paris", False, False),                        # text answers are exact
+])
+def test_score(generation, answer, flexible, strict):
+    assert score(generation, answer) == (flexible, strict)
+
+
+def test_as_number():
+    assert as_number("-$1,234.50.") == "-1234.5"
+    assert as_number("$-7") == "-7" and as_number("007") == "7" and as_number("-0.0") == "0"
+    assert as_number("12 apples") is None and as_number("1,23") is None
+
+
+def rows(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(1, 40), rng.randint(1, 40)
+        out.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                 {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llama):
+    d = tmp_path_factory.mktemp("eval")
+    for name, n, seed in (("train.jsonl", 16, 0), ("valid.jsonl", 6, 1)):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows(n, seed)))
+    save_adapter(build(resolve(str(tiny_llama)), InitOptions(method="pissa", rank=4)), d / "ad")
+    cfg, given = T.make_config({"data": str(d / "train.jsonl"), "eval_data": str(d / "valid.jsonl"),
+                                "steps": 3, "batch_size": 4, "lr": 1e-2, "save_every": 0})
+    summary = T.train(T.prepare(d / "ad", cfg, given=given))
+    return d, summary
+
+
+def test_loss_equals_train_eval_loss_and_merged(trained):
+    d, summary = trained
+    r = evaluate(str(d / "ad"), d / "valid.jsonl", EvalOptions(batch_size=4, generate=False))
+    assert r["loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
+    assert r["rows"] == 6 and r["adapter"] == str(d / "ad") and r["exact_match"] is None
+    code, _, err = run_cli(["merge", str(d / "ad"), "-o", str(d / "merged"), "--quiet"])
+    assert code == 0, err
+    m = evaluate(str(d / "merged"), d / "valid.jsonl", EvalOptions(batch_size=3, generate=False))
+    assert m["adapter"] is None and m["tokens"] == r["tokens"]
+    assert abs(m["loss"] - r["loss"]) < 1e-4
+    # the trained adapter changed the model: the base's loss on the same file differs
+    b = evaluate(resolve_ref(d), d / "valid.jsonl", EvalOptions(generate=False))
+    assert b["tokens"] == r["tokens"] and abs(b["loss"] - r["loss"]) > 1e-3
+
+
+def test_generation_batched_equals_single_greedy(trained, tiny_llama):
+    d, _ = trained
+    r = evaluate(str(tiny_llama), d / "valid.jsonl", EvalOptions(max_new_tokens=5, batch_size=4,
+                                                                  limit=5))
+    assert r["n_scored"] == 5 and len(r["generations"]) == 5
+    src = resolve(str(tiny_llama))
+    model, tok = src.load(dtype=torch.float32), src.tokenizer()
+    flex = 0
+    for g, row in zip(r["generations"], rows(5, 1)):
+        prompt = tok.apply_chat_template(row["messages"][:1], tokenize=False,
+                                         add_generation_prompt=True)
+        assert g["prompt"] == prompt and g["reference"] == row["messages"][1]["content"]
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=5, do_sample=False,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        assert g["generation"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert g["answer"] == g["reference"].strip()
+        flex += score(g["generation"], g["answer"])[0]
+    assert r["exact_match"] == flex / 5
+
+
+def test_cli_json_answers_retain_and_errors(trained, tmp_path):
+    d, _ = trained
+    pc = tmp_path / "pc.jsonl"
+    pc.write_text(json.dumps({"prompt": "Q: 2+2?", "completion": " 2+2=4\n#### 4"}) + "\n"
+                  + json.dumps({"prompt": "Q: x?", "completion": " y", "answer": "-1,000"}) + "\n")
+    code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--max-new-tokens", "3",
+                              "--retain-data", str(d / "train.jsonl"), "--json", "--quiet"])
+    assert code == 0, err
+    r = json.loads(out)
+    for k in ("loss", "tokens", "rows", "exact_match", "exact_match_strict", "n_scored", "model",
+              "adapter", "data", "generations", "retain_loss"):
+        assert k in r
+    assert [g["answer"] for g in r["generations"]] == ["4", "-1,000"]
+    assert [g["prompt"] for g in r["generations"]] == ["Q: 2+2?", "Q: x?"]
+    assert r["rows"] == 2 and r["retain_loss"] > 0
+    code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--no-generate", "--quiet"])
+    assert code == 0 and "loss" in out and "exact match" not in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{oops\n")
+    code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(bad)])
+    assert code == 1 and f"{bad}:2" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["eval", str(d / "ad"), "--data", str(tmp_path / "none.jsonl")])
+    assert code == 1 and "none.jsonl" in err and "no such file" in err
+    code, _, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--limit", "0"])
+    assert code == 2 and "--limit" in err
+    code, _, err = run_cli(["eval", resolve_ref(d), "--base", "x/y", "--data", str(pc)])
+    assert code == 2 and "--base" in err
+
+
+def resolve_ref(d):
+    return json.loads((d / "ad" / "adaptedit.json").read_text())["base"]["path"]
