@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from adaptedit.methods import METHODS as REGISTRY
+
+# every method of the registry: a new method is tested by adding it there
+METHODS = list(REGISTRY)
+IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11]])
 
 
 def run_cli(args: list[str]) -> tuple[int, str, str]:
@@ -18,3 +28,58 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return code, out.getvalue(), err.getvalue()
+
+
+def perturb(adapter, seed: int = 0, scale: float = 0.05):
+    """Move every trainable tensor of any method away from θ₀, as training would (seeded).
+
+    Tensors whose values are all positive (DoRA magnitudes, DeLoRA's λ: norms and scales) are
+    multiplied by exp(scale·N(0,1)) so they stay positive; the others get + scale·N(0,1).
+    """
+    g = torch.Generator().manual_seed(seed)
+    for t in adapter.tensors.values():
+        for k in adapter.trainable_names():
+            x = t[k]
+            noise = scale * torch.randn(x.shape, generator=g, dtype=torch.float32)
+            if x.numel() and bool((x > 0).all()):
+                t[k] = (x.float() * noise.exp()).to(x.dtype)
+            else:
+                t[k] = (x.float() + noise).to(x.dtype)
+    return adapter
+
+
+def make_adapter(base: Path, folder: Path, *, method="lora", dora=False, rank=4, seed=0,
+                 trained=True, **kw) -> Path:
+    """init an adapter on ``base`` (perturbed unless trained=False) and save it to ``folder``."""
+    from adaptedit.init import InitOptions, build
+    from adaptedit.models import resolve
+
+    ad = build(resolve(str(base)), InitOptions(method=method, dora=dora, rank=rank, seed=seed, **kw))
+    if trained:
+        perturb(ad, seed)
+    ad.save(folder)
+    return folder
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return (out.logits if getattr(out, "logits", None) is not None else out[0]).float()
+
+
+def load_merged(folder: Path):
+    """A merged folder loaded with plain transformers; no missing or unexpected keys."""
+    from adaptedit.models import resolve
+
+    src = resolve(str(folder))
+    model, info = src.model_class().from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+def tensors(folder: Path) -> dict:
+    """All tensors of the *.safetensors files of a folder."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

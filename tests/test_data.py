@@ -107,6 +107,7 @@ def test_chat_masking_tiny_chatml(tok, tmp_path):
     _check_chat(tok, d, "<|im_end|>")
 
 
+@pytest.mark.slow
 def test_chat_masking_real_smollm2_template(smol_tok, tmp_path):
     d = D.load(write_jsonl(tmp_path / "c.jsonl", CHAT), smol_tok, max_length=256)
     _check_chat(smol_tok, d, "<|im_end|>")

@@ -7,17 +7,13 @@ import warnings
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import METHODS, logits, make_adapter, run_cli
 from safetensors.torch import load_file, save_file
-from test_merge import logits, make_adapter
 
 from adaptedit.adapter import load_adapter
 from adaptedit.layer import attach
 from adaptedit.merge import MergeOptions, merge
 from adaptedit.models import resolve
-
-METHODS = ["lora", "pissa", "milora", "olora", "delora"]
-
 
 def peft_logits(base, folder):
     from peft import PeftModel
@@ -60,7 +56,8 @@ def test_export_gpt2_conv1d(tiny_gpt2, tmp_path, method, dora):
 
 def test_export_then_import_merges_like_the_original(tiny_llama, tmp_path):
     ad_dir = make_adapter(tiny_llama, tmp_path / "ad", method="pissa", dora=True)
-    run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p"), "-q"])
+    code, _, err = run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p"), "-q"])
+    assert code == 0, err
     imported = load_adapter(tmp_path / "p")
     assert imported.config.source == "peft" and imported.config.dora
     assert all(not m.fingerprint for m in imported.config.modules.values())
@@ -68,12 +65,14 @@ def test_export_then_import_merges_like_the_original(tiny_llama, tmp_path):
     merge([imported], tmp_path / "m2", base=str(tiny_llama))
     a = load_file(str(tmp_path / "m1" / "model.safetensors"))
     b = load_file(str(tmp_path / "m2" / "model.safetensors"))
+    assert set(a) == set(b)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
 
 def test_import_refuses_other_types_and_pickle(tiny_llama, tmp_path):
     ad_dir = make_adapter(tiny_llama, tmp_path / "ad")
-    run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p"), "-q"])
+    code, _, err = run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p"), "-q"])
+    assert code == 0, err
     cfg_path = tmp_path / "p" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "peft_type": "IA3"}))
@@ -96,7 +95,8 @@ def test_import_refuses_other_types_and_pickle(tiny_llama, tmp_path):
 def test_export_usage(tiny_llama, tmp_path):
     ad_dir = make_adapter(tiny_llama, tmp_path / "ad")
     code, _, err = run_cli(["export", str(ad_dir), "--format", "gguf", "-o", str(tmp_path / "p")])
-    assert code == 2
+    assert code == 2 and "--format 'gguf'" in err and "peft" in err
+    assert not (tmp_path / "p").exists()
     (tmp_path / "p").mkdir()
     code, _, err = run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p")])
     assert code == 1 and "--force" in err

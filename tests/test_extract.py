@@ -80,7 +80,8 @@ def test_extract_errors(tiny_llama, tiny_llama_tied, tiny_gpt2, tmp_path):
     assert code == 1 and "lm_head.weight" in err
     code, _, err = run_cli(["extract", "--base", str(tiny_llama), "--tuned", str(tiny_llama),
                             "-o", str(tmp_path / "x")])
-    assert code == 2
+    assert code == 2 and "exactly one of --rank R or --energy E" in err
+    assert not (tmp_path / "x").exists()
     code, _, err = run_cli(["extract", "--base", str(tiny_llama), "--tuned", str(tiny_llama),
                             "--energy", "1.5", "-o", str(tmp_path / "x")])
     assert code == 2 and not (tmp_path / "x").exists()

@@ -9,14 +9,13 @@ import torch
 
 from adaptedit.adapter import load_adapter, save_adapter
 from adaptedit.init import InitOptions, build
-from adaptedit.layer import adapted_layers, attach
+from adaptedit.layer import attach
 from adaptedit.methods import delora
 from adaptedit.models import resolve
 from adaptedit.targets import to_w
 
-from helpers import run_cli
+from helpers import METHODS, perturb, run_cli
 
-METHODS = ["lora", "pissa", "milora", "olora", "delora"]
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 61], [8, 1, 13, 21, 34, 55, 89, 144]])
 
 
@@ -53,9 +52,7 @@ def test_adapter_changes_outputs_once_trained(tiny_llama):
     model = source.load(dtype=torch.float32)
     with torch.no_grad():
         ref = model(IDS).logits
-    attach(model, build(source, InitOptions(method="pissa", rank=4, dora=True)))
-    for layer in adapted_layers(model).values():
-        layer.params["lora_B"].data.add_(0.05)
+    attach(model, perturb(build(source, InitOptions(method="pissa", rank=4, dora=True))))
     with torch.no_grad():
         assert (model(IDS).logits - ref).abs().max() > 1e-3
 
@@ -197,7 +194,23 @@ def test_cli_init_writes_self_describing_folder(tiny_llama, tmp_path):
     assert cfg["format_version"] == 1 and cfg["method"] == "pissa"
     assert cfg["base"]["path"] == str(tiny_llama.resolve())
     assert all(len(m["fingerprint"]) == 32 for m in cfg["modules"].values())
-    assert (out / "adapter.safetensors").stat().st_mode & 0o044
+
+
+def test_cli_init_file_modes_follow_the_umask(tiny_llama, tmp_path):
+    """Output files get 0o666 & ~umask and folders 0o777 & ~umask, as any file the user creates."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_cli(["init", str(tiny_llama), "-r", "2", "-o", str(tmp_path / "ad"),
+                                "-q"])
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE((tmp_path / "ad").stat().st_mode) == 0o777 & ~0o022
+    for f in (tmp_path / "ad").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~0o022, f.name
 
 
 @pytest.mark.parametrize("args,needle,expect", [

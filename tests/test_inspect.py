@@ -19,11 +19,6 @@ from adaptedit.models import resolve
 from adaptedit.targets import from_w, to_w
 
 
-@pytest.fixture(autouse=True)
-def _svd_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ADAPTEDIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def make(base, folder, *, method="lora", rank=4, dora=False, noise=0.05, seed=1, also_a=False,
          lam=None, **kw):
     """init an adapter and move θ away from θ₀ by a seeded perturbation of B (and A)."""
@@ -140,10 +135,13 @@ def test_dora_and_delora_extras(tiny_llama, tmp_path):
     assert all(0 < f <= 1 for f in fr)
 
 
-def test_trajectory_and_cache(tiny_llama, tmp_path):
+def test_trajectory_and_cache(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTEDIT_CACHE", str(tmp_path / "cache"))  # empty: this test's own
     folder = make(tiny_llama, tmp_path / "run", method="lora", noise=0.03)
     for step, noise in ((10, 0.01), (20, 0.02), (30, 0.03)):
         make(tiny_llama, folder / "checkpoints" / f"step-{step:06d}", method="lora", noise=noise)
+    first = inspect_adapters([folder], trajectory=True)
+    assert first["svd_cache"] == {"hits": 0, "computed": 14}
     rep = inspect_adapters([folder], trajectory=True)
     assert [p["step"] for p in rep["points_sources"]] == [10, 20, 30]
     assert len(rep["md"]["points"]) == 3 * 14
@@ -151,7 +149,7 @@ def test_trajectory_and_cache(tiny_llama, tmp_path):
     assert set(corr["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                     "up_proj", "down_proj"}
     assert corr["mean"] is not None and -1 <= corr["mean"] <= 1
-    assert rep["svd_cache"]["hits"] == 14  # the base SVDs were cached by an earlier test
+    assert rep["svd_cache"]["hits"] == 14  # the base SVDs cached by the first call, one per module
     with pytest.raises(AdapteditError, match="no training checkpoints"):
         inspect_adapters([make(tiny_llama, tmp_path / "plain", noise=0.01)], trajectory=True)
 

@@ -10,62 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import METHODS, load_merged, logits, make_adapter, run_cli, tensors
 from safetensors.torch import load_file
 
 import fixtures
 from adaptedit.adapter import load_adapter
 from adaptedit.errors import AdapteditError
-from adaptedit.init import InitOptions, build
 from adaptedit.layer import attach
 from adaptedit.merge import MergeOptions, combine, merge
 from adaptedit.models import resolve
 from adaptedit.targets import to_w
-
-METHODS = ["lora", "pissa", "milora", "olora", "delora"]
-IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11]])
-
-
-def perturb(adapter, seed=0, scale=0.05):
-    """Move θ away from θ₀, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    for t in adapter.tensors.values():
-        for k in ("lora_A", "lora_B"):
-            t[k] = t[k] + scale * torch.randn(t[k].shape, generator=g)
-        if "magnitude" in t:
-            t["magnitude"] = t["magnitude"] * (1 + 0.1 * torch.rand(t["magnitude"].shape, generator=g))
-        if "delora_lambda" in t:
-            t["delora_lambda"] = t["delora_lambda"] * 1.3
-    return adapter
-
-
-def make_adapter(base: Path, folder: Path, *, method="lora", dora=False, rank=4, seed=0,
-                 trained=True, **kw) -> Path:
-    ad = build(resolve(str(base)), InitOptions(method=method, dora=dora, rank=rank, seed=seed, **kw))
-    if trained:
-        perturb(ad, seed)
-    ad.save(folder)
-    return folder
-
-
-def logits(model, ids=IDS):
-    with torch.no_grad():
-        out = model(input_ids=ids)
-    return (out.logits if getattr(out, "logits", None) is not None else out[0]).float()
-
-
-def load_merged(folder: Path):
-    src = resolve(str(folder))
-    model, info = src.model_class().from_pretrained(folder, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    return model.eval()
-
-
-def tensors(folder: Path) -> dict:
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -189,7 +143,23 @@ def test_ties_and_dare(tiny_llama, tmp_path):
     assert not torch.equal(runs[0][key], runs[2][key])
     ties = tensors(merge([a1, a2], tmp_path / "ties", opts=MergeOptions(
         combine="ties", density=0.3)).out)
-    assert not torch.equal(ties[key], lin[key])
+    base = tensors(tiny_llama)
+    for name, info in a1.config.modules.items():
+        # properties of TIES (Yadav et al. 2023) whatever its sign election: each update is trimmed
+        # to its top 30% magnitudes, so ΔW is nonzero on at most 2·30% of the entries; a kept entry
+        # has the sign of one of the updates there and a disjoint mean is at most their largest
+        w = base[info.key].float()
+        d1, d2 = a1.delta_w(name, w), a2.delta_w(name, w)
+        dt = ties[info.key].float() - w  # tiny_llama: Linear layers, stored as W
+        kept = dt.abs() > 1e-6
+        assert 0 < int(kept.sum()) <= 0.6 * dt.numel() + 2, name
+        assert bool(((dt.sign() == d1.sign()) | (dt.sign() == d2.sign()))[kept].all()), name
+        assert bool((dt.abs() <= torch.maximum(d1.abs(), d2.abs()) + 1e-6).all()), name
+    # one update at density 1: nothing trimmed, nothing to elect: TIES is that update
+    one = tensors(merge([a1], tmp_path / "t1", opts=MergeOptions(combine="ties", density=1.0,
+                                                                 verify=False)).out)
+    alone = tensors(merge([a1], tmp_path / "l1", opts=MergeOptions(verify=False)).out)
+    assert all(torch.equal(one[k], alone[k]) for k in alone)
 
 
 def test_combine_math():
@@ -269,7 +239,7 @@ def test_usage_errors(tiny_llama, tmp_path):
                                 density, "-o", out])
         assert code == 2 and "--density" in err
     code, _, err = run_cli(["merge", str(ad), "--combine", "nope", "-o", out])
-    assert code == 2
+    assert code == 2 and "--combine 'nope'" in err and "ties" in err and not Path(out).exists()
     (tmp_path / "exists").mkdir()
     code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "exists")])
     assert code == 1 and "--force" in err

@@ -161,7 +161,7 @@ def test_cli_conventions():
     code, out, _ = run_cli(["--help"])
     assert code == 0 and "init" in out and "modules" in out
     code, _, err = run_cli(["init", "--rank", "notanumber"])
-    assert code == 2
+    assert code == 2 and "--rank" in err and "integer" in err
 
 
 # ---- the real, embedded checkpoints ------------------------------------------------------------
