@@ -18,7 +18,9 @@ into B' and α = r so that PEFT's scaling is exactly 1. DoRA keeps its magnitude
 m ⊙ (W + s·B'A') / ‖W + s·B'A'‖_row, the same function as adaptedit's.
 
 Import. A LoRA/DoRA folder becomes an Adapter with method "lora" (B₀ = 0), ``source="peft"`` and no
-fingerprints (PEFT records none). Only safetensors weights are read; ``adapter_model.bin`` (pickle) is
+fingerprints (PEFT records none). A folder saved with an ``init_lora_weights`` that rewrites the base
+(PiSSA, OLoRA, CorDA, LoftQ: :func:`adaptedit.methods.peft_init_rewrites_base`) is refused: its factors
+apply to W − s·B₀A₀, and the fix is PEFT's ``path_initial_model_for_weight_conversion``. Only safetensors weights are read; ``adapter_model.bin`` (pickle) is
 refused.
 """
 
@@ -34,6 +36,7 @@ import torch
 from adaptedit import __version__
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo, write_atomic_dir
 from adaptedit.errors import AdapteditError
+from adaptedit.methods import peft_init_rewrites_base
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -164,6 +167,13 @@ def import_peft(folder: str | Path) -> Adapter:
                              "of modules) is not supported; only LoRA factors are")
     if cfg.get("lora_bias"):
         raise AdapteditError(f"{cfg_path}: lora_bias=true is not supported")
+    init_value = cfg.get("init_lora_weights")
+    if peft_init_rewrites_base(init_value):
+        raise AdapteditError(
+            f"{cfg_path}: init_lora_weights={init_value!r} means the factors apply to PEFT's "
+            "rewritten base (W - s*B0A0), not to the original model; re-save the adapter with "
+            "PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=DIR) and "
+            "import that folder")
     tensors: dict = {}
     suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
                 ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}

@@ -24,6 +24,19 @@ METHODS = {
 }
 
 
+# PEFT ``init_lora_weights`` values that rewrite the base weight when PEFT builds (or loads) the
+# adapter: PiSSA and OLoRA set W ← W − s·B₀A₀ (pissa.PEFT_INITS, olora.PEFT_INITS), CorDA likewise
+# from activation statistics, LoftQ replaces W by a quantised residual. An adapter saved with one of
+# them (without PEFT's ``path_initial_model_for_weight_conversion``) only means something on that
+# rewritten base; read as ΔW = s·BA on the original base it is silently wrong.
+PEFT_BASE_REWRITING_INITS = pissa.PEFT_INITS + olora.PEFT_INITS + ("corda", "loftq")
+
+
+def peft_init_rewrites_base(value) -> bool:
+    """True when PEFT's ``init_lora_weights=value`` rewrites the base weight (see above)."""
+    return isinstance(value, str) and value.lower().startswith(PEFT_BASE_REWRITING_INITS)
+
+
 def get(name: str):
     try:
         return METHODS[name]

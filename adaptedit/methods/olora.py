@@ -11,6 +11,7 @@ import torch
 
 PAPER = "Büyükakyüz, OLoRA, 2024 (arXiv:2406.01775)"
 TRAINABLE = ("lora_A", "lora_B")
+PEFT_INITS = ("olora",)  # PEFT's init_lora_weights="olora" rewrites the base to W − s·B₀A₀
 
 
 def default_alpha(rank: int) -> float:

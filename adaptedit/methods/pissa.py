@@ -23,6 +23,9 @@ import torch
 from adaptedit.linalg import randomized_svd
 
 TRAINABLE = ("lora_A", "lora_B")
+# PEFT's init_lora_weights for PiSSA: "pissa" (float32 SVD) and "pissa_niter_K" (randomized SVD);
+# both rewrite the base to W − s·B₀A₀ (see adaptedit.methods.peft_init_rewrites_base)
+PEFT_INITS = ("pissa",)
 
 
 class SVDMethod:
