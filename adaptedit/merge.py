@@ -8,14 +8,9 @@ meta tensors) and written one shard at a time with ``save_file``. Peak memory is
 shard plus one float32 tensor, whatever the model size. Everything goes to a temporary folder next
 to OUT, which is renamed only once it is complete (and verified).
 
-Several adapters of the same base combine on the dense ΔW of each tensor, so that adapters of
-different ranks and methods mix:
-
-    linear       Σ wᵢ ΔWᵢ                                            (exact)
-    ties         trim each ΔWᵢ to its top-``density`` entries by magnitude, elect a sign per entry
-                 from Σ wᵢ τᵢ, average the weighted entries that agree with it (Yadav et al. 2023)
-    dare_linear  drop entries with probability 1 − density, rescale by 1/density, then linear
-    dare_ties    the same drop-and-rescale, then TIES' sign election and disjoint mean (Yu et al. 2024)
+Adapters of the same base combine on the dense ΔW of each tensor, so that adapters of different
+ranks and methods mix: linear, ties, dare_linear, dare_ties with PEFT's conventions
+(:mod:`adaptedit.combine`). ``--combine``/``--density`` apply to a single adapter too.
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ import re
 import shutil
 import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +29,12 @@ import torch
 
 from adaptedit.adapter import (Adapter, base_for, check_weight, lowrank_delta,
                                recorded_targets, write_atomic_dir)
+from adaptedit.combine import COMBINE, combine
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.methods import dora
 from adaptedit.models import ST_DTYPES, TOKENIZER_FILES, ModelSource
 from adaptedit.targets import from_w, to_w
 
-COMBINE = ("linear", "ties", "dare_linear", "dare_ties")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DEFAULT_SHARD = "5GB"  # as transformers; streaming makes memory independent of it
@@ -83,67 +77,6 @@ class MergeResult:
 # combining several updates of one tensor
 
 
-def _generator(seed: int, key: str, i: int) -> torch.Generator:
-    """One generator per (tensor, adapter): the drop pattern does not depend on the tensor order."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode()) * 31 + i)
-                                         % (2 ** 63))
-
-
-def _trim(d: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries of largest magnitude (TIES 'trim')."""
-    if density >= 1.0:
-        return d
-    k = int(math.ceil(density * d.numel()))
-    if k <= 0:
-        return torch.zeros_like(d)
-    flat = d.abs().flatten()
-    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
-    return torch.where(d.abs() >= threshold, d, torch.zeros_like(d))
-
-
-def _dare(d: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
-    """Drop entries with probability 1 − density, rescale the kept ones by 1/density (DARE)."""
-    keep = torch.rand(d.shape, generator=gen) < density
-    return torch.where(keep, d, torch.zeros_like(d)) / density
-
-
-def _disjoint_mean(ts: list[torch.Tensor]) -> torch.Tensor:
-    """TIES: elect a sign per entry from the sum, average the entries that agree with it."""
-    total = ts[0].clone()
-    for t in ts[1:]:
-        total += t
-    sign = torch.sign(total)
-    acc = torch.zeros_like(total)
-    count = torch.zeros_like(total)
-    for t in ts:
-        agree = (torch.sign(t) == sign) & (t != 0)
-        acc += torch.where(agree, t, torch.zeros_like(t))
-        count += agree
-    return acc / count.clamp_min(1.0)
-
-
-def combine(deltas: list[torch.Tensor | None], weights: list[float], how: str, density: float,
-            seed: int, key: str) -> torch.Tensor | None:
-    """Combine the dense float32 updates of one tensor (None: that adapter does not touch it)."""
-    parts = []
-    for i, (d, w) in enumerate(zip(deltas, weights)):
-        if d is None:
-            continue
-        if how == "ties":
-            d = _trim(d, density)
-        elif how in ("dare_linear", "dare_ties"):
-            d = _dare(d, density, _generator(seed, key, i))
-        parts.append(d * w if w != 1.0 else d)
-    if not parts:
-        return None
-    if how in ("ties", "dare_ties"):
-        return _disjoint_mean(parts)
-    out = parts[0]
-    for p in parts[1:]:
-        out = out + p
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # planning
 
@@ -167,6 +100,9 @@ def validate_options(adapters: list[Adapter], opts: MergeOptions) -> list[float]
         raise UsageError(f"--combine {opts.combine!r}: choose one of {', '.join(COMBINE)}")
     if not (0.0 < opts.density <= 1.0) or math.isnan(opts.density):
         raise UsageError(f"--density {opts.density:g}: must be in (0, 1]")
+    if opts.combine == "linear" and opts.density != 1.0:
+        raise UsageError(f"--density {opts.density:g} applies to --combine ties, dare_linear or "
+                         "dare_ties; linear keeps every entry (choose one of those or drop --density)")
     if opts.dtype not in ("auto", *DTYPES):
         raise UsageError(f"--dtype {opts.dtype!r}: choose auto, bf16, fp16 or fp32")
     weights = opts.weights or [1.0] * len(adapters)
@@ -347,7 +283,7 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
     del meta
 
     result = MergeResult(out=str(out), base=source.ref, adapters=[str(a.path) for a in adapters],
-                         combine=opts.combine if len(adapters) > 1 else "single",
+                         combine=opts.combine if len(adapters) > 1 or opts.combine != "linear" else "single",
                          dtype=DTYPE_NAMES.get(final_dtype, str(final_dtype)))
     start = time.perf_counter()
     handles = _open_files(ckpt)
@@ -406,21 +342,23 @@ def parse_size(size: str | int) -> int:
     return int(float(m[1]) * SIZE_UNITS[unit])
 
 
+def _plain_single(adapters, weights, opts) -> bool:
+    """One adapter at weight 1, linear: merged through the adapter's own W' = F(W, θ) (exact)."""
+    return len(adapters) == 1 and weights[0] == 1.0 and opts.combine == "linear"
+
+
 def _merge_tensor(adapters, entries, raw, key, weights, opts, base_ref, dtype) -> torch.Tensor:
     kind = entries[0][2].kind
     for i, name, _ in entries:
         check_weight(adapters[i], name, raw, base_ref)
     w = to_w(raw, kind).float()  # (out × in)
-    if len(adapters) == 1 and weights[0] == 1.0:
+    if _plain_single(adapters, weights, opts):
         new = module_merged(adapters[0], entries[0][1], w)
     else:
         deltas = [None] * len(adapters)
         for i, name, _ in entries:
             deltas[i] = module_delta(adapters[i], name, w)
-        if len(adapters) == 1:
-            d = None if deltas[0] is None else deltas[0] * weights[0]
-        else:
-            d = combine(deltas, weights, opts.combine, opts.density, opts.seed, key)
+        d = combine(deltas, weights, opts.combine, opts.density, opts.seed, key)
         new = None if d is None else w + d
     del w  # keep the peak at raw + one float32 copy + the output
     if new is None:
@@ -486,7 +424,7 @@ def verify(adapters, source: ModelSource, merged_dir: Path, weights, opts, dtype
            keymap: dict) -> tuple[float, float]:
     """Run fixed prompts through base+adapter and through the merged folder; max |Δlogit|.
 
-    One adapter: the reference is the base with the adapter attached (layer.attach), an independent
+    One adapter (linear, weight 1): the base with the adapter attached (layer.attach), an independent
     path from the merge arithmetic. Several: the base with the combined ΔW added in memory (this
     checks the files: shards, names, dtype, tying).
     """
@@ -496,7 +434,7 @@ def verify(adapters, source: ModelSource, merged_dir: Path, weights, opts, dtype
     quiet_transformers()
     ids = _inputs(source)
     ref = source.load(dtype=dtype)
-    if len(adapters) == 1 and weights[0] == 1.0:
+    if _plain_single(adapters, weights, opts):
         attach(ref, adapters[0])
     else:
         _apply_in_memory(ref, adapters, weights, opts, keymap)
@@ -538,9 +476,6 @@ def _apply_in_memory(model, adapters, weights, opts, keymap: dict) -> None:
             w = to_w(mod.weight, kind).float()
             deltas = [module_delta(a, name, w) if name in a.config.modules else None
                       for a in adapters]
-            if len(adapters) == 1:
-                d = None if deltas[0] is None else deltas[0] * weights[0]
-            else:
-                d = combine(deltas, weights, opts.combine, opts.density, opts.seed, keymap[name])
+            d = combine(deltas, weights, opts.combine, opts.density, opts.seed, keymap[name])
             if d is not None:
                 mod.weight.copy_(from_w(w + d, kind).to(mod.weight.dtype))

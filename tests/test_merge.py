@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 import fixtures
 from adaptedit.adapter import load_adapter
+from adaptedit.combine import combine
 from adaptedit.errors import AdapteditError
 from adaptedit.layer import attach
-from adaptedit.merge import MergeOptions, combine, merge
+from adaptedit.merge import MergeOptions, merge
 from adaptedit.models import resolve
 from adaptedit.targets import to_w
 
@@ -165,9 +166,9 @@ def test_ties_and_dare(tiny_llama, tmp_path):
 def test_combine_math():
     d1 = torch.tensor([[1.0, -2.0, 0.5, 4.0]])
     d2 = torch.tensor([[3.0, 1.0, -0.5, -1.0]])
-    # ties, density 1: signs elected from the sum (+, −, 0→either, +); mean of the agreeing entries
+    # ties, density 1: signs elected from the sum (+, −, 0→+ as PEFT, +); mean of the agreeing entries
     t = combine([d1, d2], [1.0, 1.0], "ties", 1.0, 0, "k")
-    assert torch.equal(t, torch.tensor([[2.0, -2.0, 0.0, 4.0]]))
+    assert torch.equal(t, torch.tensor([[2.0, -2.0, 0.5, 4.0]]))
     # trim to 50%: d1 keeps 4, −2; d2 keeps 3, 1 → sum (3, −1, 0, 4)
     t = combine([d1, d2], [1.0, 1.0], "ties", 0.5, 0, "k")
     assert torch.equal(t, torch.tensor([[3.0, -2.0, 0.0, 4.0]]))

@@ -50,7 +50,7 @@ def merge(
     adapters: list[Path] = typer.Argument(..., help="Adapter folder(s): adaptedit or PEFT LoRA."),
     base: str = typer.Option(None, "--base", "-b", help="Base model (default: the one the adapter records)."),
     weights: str = typer.Option(None, "--weights", "-w", help="One weight per adapter, e.g. 0.7,0.3 (default 1 each)."),
-    combine: str = typer.Option("linear", "--combine", help="linear | ties | dare_linear | dare_ties (several adapters)."),
+    combine: str = typer.Option("linear", "--combine", help="linear | ties | dare_linear | dare_ties (PEFT's conventions; one adapter too)."),
     density: float = typer.Option(1.0, "--density", help="Fraction kept by ties/dare, in (0, 1]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the dare drop pattern."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's) | bf16 | fp16 | fp32."),
