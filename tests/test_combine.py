@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import run_cli
-from test_merge import make_adapter, tensors
+from helpers import make_adapter, run_cli, tensors
 
 from adaptedit.adapter import load_adapter
 from adaptedit.combine import combine, dare, generator, trim
