@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.table import Table
 
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON on stdout instead of tables.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or notes.")
@@ -18,3 +19,19 @@ def human_count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def kv_table(title: str, rows: dict) -> Table:
+    table = Table(show_header=False, title=title)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows.items():
+        table.add_row(k, str(v))
+    return table
