@@ -14,7 +14,7 @@ echo "== 1. the model: adaptable modules of the embedded default (smollm2-135m)"
 adaptedit modules --targets q_proj --quiet | tail -n 8
 
 echo "== 2. base model on held-out items"
-python examples/evaluate.py smollm2-135m --data $DATA/test.jsonl --limit 40
+adaptedit eval smollm2-135m --data $DATA/test.jsonl --limit 40 --max-new-tokens 16 --batch-size 20
 
 echo "== 3. init: PiSSA, rank 16, all linear layers, from the model's own SVD"
 adaptedit init smollm2-135m --method pissa --rank 16 -o "$OUT/adapter" --force
@@ -40,5 +40,6 @@ ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="
 out = model.generate(**ids, max_new_tokens=12, do_sample=False)
 print("merged model:", repr(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
 PY
-python examples/evaluate.py "$OUT/merged" --data $DATA/test.jsonl --limit 40
+echo "== 8. exact match of the merged model on the same held-out items"
+adaptedit eval "$OUT/merged" --data $DATA/test.jsonl --limit 40 --max-new-tokens 16 --batch-size 20
 echo "== done: adapter in $OUT/adapter, merged model in $OUT/merged, report in $OUT/report.html"

@@ -145,3 +145,15 @@ def test_cli_json_answers_retain_and_errors(trained, tmp_path):
 
 def resolve_ref(d):
     return json.loads((d / "ad" / "adaptedit.json").read_text())["base"]["path"]
+
+
+# The examples table of docs/eval.md, row for row (reference, generation, flexible, strict).
+@pytest.mark.parametrize("reference,generation,flexible,strict", [
+    ("#### 1,234", "so the total is $1234.00", True, False),
+    ("#### -5", "The answer is #### -5", True, True),
+    ("42", "I think 41 or 42", True, False),
+    ("42", "42 or maybe 41", False, False),
+    ("May 27, 2044", "May 27, 2044\nextra", True, False),
+])
+def test_docs_eval_examples(reference, generation, flexible, strict):
+    assert score(generation, extract_answer(reference)) == (flexible, strict)
