@@ -18,9 +18,6 @@ Tensor names per module (all float32):
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,8 +25,8 @@ import torch
 
 from adaptedit import __version__, methods
 from adaptedit.errors import AdapteditError
+from adaptedit.atomic import write_atomic_dir
 from adaptedit.methods import dora
-from adaptedit.targets import Target
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adaptedit.json"
@@ -133,46 +130,6 @@ def lowrank_delta(terms: list) -> torch.Tensor:
     return out
 
 
-def write_atomic_dir(folder: Path, write, *, force: bool) -> None:
-    """Create ``folder`` by calling ``write(tmpdir)`` then renaming: never a half-written folder.
-
-    With ``force`` an existing folder is replaced only after the new one is complete.
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise AdapteditError(f"{folder}: exists and is not a folder; choose another output path")
-    if folder.exists() and not force:
-        raise AdapteditError(f"{folder}: already exists; pass --force to replace it")
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    except OSError as e:
-        raise AdapteditError(f"{folder}: cannot create a folder in {folder.parent} "
-                             f"({e.strerror or e}); choose another output path") from None
-    try:
-        write(tmp)
-        for p in tmp.iterdir():
-            os.chmod(p, 0o644)
-        os.chmod(tmp, 0o755)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            try:
-                os.replace(tmp, folder)
-            except BaseException:
-                os.replace(old, folder)  # the user's folder back where it was
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise AdapteditError(f"{folder}: cannot write ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def flat_tensors(adapter: Adapter) -> dict:
     return {f"{m}.{k}": v.detach().float().contiguous().cpu()
             for m, ts in adapter.tensors.items() for k, v in ts.items()}
@@ -196,22 +153,13 @@ def save_adapter(adapter: Adapter, folder: Path, *, force: bool = True,
     write_atomic_dir(folder, write, force=force)
 
 
-def load_adapter(folder: str | Path) -> Adapter:
-    """Load a native adaptedit adapter, or import a PEFT LoRA/DoRA folder."""
+def read_adapter(folder: Path) -> Adapter:
+    """Read a native adaptedit adapter folder (:func:`adaptedit.formats.load_adapter` reads any)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise AdapteditError(f"{folder}: no such adapter folder")
+    folder = Path(folder)
     cfg_path = folder / CONFIG_NAME
-    if not cfg_path.exists():
-        if (folder / "adapter_config.json").exists():
-            from adaptedit.peft_io import import_peft
-
-            return import_peft(folder)
-        raise AdapteditError(f"{folder}: not an adapter folder (no {CONFIG_NAME} or "
-                             "adapter_config.json)")
     try:
         raw = json.loads(cfg_path.read_text())
         config = AdapterConfig.from_json(raw)
@@ -255,77 +203,3 @@ def _split_candidates(key: str):
     parts = key.split(".")
     for i in range(len(parts) - 1, 0, -1):
         yield ".".join(parts[:i])
-
-
-def check_base(adapter: Adapter, source, *, names=None, verify_weights: bool = True) -> dict:
-    """Refuse a base whose targeted weights differ from the ones the adapter was made for.
-
-    Returns {module name: Target} for the adapter's modules in this base. Streaming commands pass
-    ``verify_weights=False`` and call :func:`check_weight` on each tensor as they read it.
-    """
-    from adaptedit.targets import adaptable
-
-    ckpt = source.checkpoint
-    found = {t.name: t for t in adaptable(source.meta_model(), ckpt.keys())}
-    for name in names or adapter.names:
-        info = adapter.config.modules[name]
-        t = found.get(name)
-        if t is None:
-            raise AdapteditError(f"adapter {adapter.path}: module {name} does not exist in base "
-                                 f"{source.ref}; was it made for another architecture?")
-        if [t.out_features, t.in_features] != list(info.shape):
-            raise AdapteditError(f"adapter {adapter.path}: {name} is {info.shape[0]}×{info.shape[1]}"
-                                 f" but base {source.ref} has {t.out_features}×{t.in_features}")
-        if verify_weights:
-            check_weight(adapter, name, ckpt.get(t.key), source.ref)
-    return found
-
-
-def check_weight(adapter: Adapter, name: str, weight: torch.Tensor, base_ref: str) -> None:
-    """Compare one base weight (as stored) with the fingerprint recorded at init."""
-    from adaptedit.linalg import fingerprint
-
-    info = adapter.config.modules[name]
-    if info.fingerprint and fingerprint(weight) != info.fingerprint:
-        made_for = adapter.config.base.get("ref", "?")
-        raise AdapteditError(f"adapter {adapter.path} was made for base {made_for}, but the weight "
-                             f"{info.key} of {base_ref} differs; pass the right --base")
-
-
-def base_for(adapter: Adapter, base: str | None, *, quiet: bool = True):
-    """The base model source: --base if given, else the one recorded in the adapter."""
-    from adaptedit.models import resolve
-
-    ref = base or adapter.config.base.get("ref")
-    if not ref:
-        raise AdapteditError(f"adapter {adapter.path} does not record its base model; pass --base")
-    path = adapter.config.base.get("path")
-    if base is None and path and Path(path).is_dir() and adapter.config.base.get("kind") == "folder":
-        ref = path
-    return resolve(ref, quiet=quiet)
-
-
-def module_target(name: str, info: ModuleInfo) -> Target:
-    return Target(name, info.kind, info.shape[0], info.shape[1], info.key, info.has_bias)
-
-
-def recorded_targets(adapter: Adapter, source) -> dict:
-    """{module: Target} from the adapter's record checked against the checkpoint headers.
-
-    Native adapters record each weight's checkpoint key, so no transformers model is built (that
-    import alone costs seconds). When a key is not in the checkpoint (e.g. a PEFT adapter whose
-    module names differ from the keys by the model's prefix), the module tree decides.
-    """
-    ckpt = source.checkpoint
-    found = {}
-    for name, info in adapter.config.modules.items():
-        if info.key not in ckpt:
-            return check_base(adapter, source, verify_weights=False)
-        stored = tuple(ckpt.shape(info.key))
-        expect = tuple(info.shape) if info.kind == "linear" else tuple(info.shape[::-1])
-        if stored != expect:
-            raise AdapteditError(f"adapter {adapter.path}: {name} is {info.shape[0]}×{info.shape[1]}"
-                                 f" but {info.key} of base {source.ref} is stored as "
-                                 f"{'×'.join(map(str, stored))}; was it made for another model?")
-        found[name] = module_target(name, info)
-    return found

@@ -276,16 +276,16 @@ def evaluate_model(model, tokenizer, data: Path, opts: EvalOptions, *, progress=
 
 
 def _is_adapter(path: Path) -> bool:
-    from adaptedit.adapter import CONFIG_NAME
+    from adaptedit.formats import folder_format
 
-    return path.is_dir() and ((path / CONFIG_NAME).exists()
-                              or (path / "adapter_config.json").exists())
+    return folder_format(path) is not None
 
 
 def load(ref: str, *, base: str | None = None, device: str = "auto", dtype: str = "auto",
          trust_remote_code: bool = False):
     """(model, tokenizer, model ref, adapter path or None) for a model ref or an adapter folder."""
-    from adaptedit.adapter import base_for, check_base, load_adapter
+    from adaptedit.binding import base_for, check_base
+    from adaptedit.formats import load_adapter
     from adaptedit.layer import attach
     from adaptedit.models import resolve
     from adaptedit.train import Dist, pick_device, pick_dtype

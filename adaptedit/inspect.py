@@ -370,7 +370,7 @@ def _w0(ckpt, t: Target, ref: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _adapter_targets(adapter, spec: str | None) -> list[Target]:
-    from adaptedit.adapter import module_target
+    from adaptedit.binding import module_target
 
     return select([module_target(n, i) for n, i in adapter.config.modules.items()], spec)
 
@@ -425,7 +425,8 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
                      ) -> dict:
     """Analyse the first adapter in full; with ``trajectory`` (its training checkpoints) or several
     adapters, also ‖ΔW‖, ΔM and ΔD at every point. Returns the report dict."""
-    from adaptedit.adapter import base_for, check_weight, load_adapter, recorded_targets
+    from adaptedit.binding import base_for, check_weight, recorded_targets
+    from adaptedit.formats import load_adapter
     from adaptedit.models import resolve
 
     opts = opts or Options()

@@ -118,13 +118,3 @@ def collect(model: nn.Module, adapter: Adapter) -> Adapter:
     for name, layer in adapted_layers(model).items():
         tensors[name] = {k: v.detach().float().cpu().clone() for k, v in layer.tensors().items()}
     return Adapter(adapter.config, tensors, adapter.path)
-
-
-def load_adapted(adapter: Adapter, source=None, *, dtype=None, device="cpu", dropout=0.0):
-    """Load the base model (from the adapter's record or ``source``) with the adapter attached."""
-    from adaptedit.adapter import base_for, check_base
-
-    source = source or base_for(adapter, None)
-    check_base(adapter, source)
-    model = source.load(dtype=dtype, device=device)
-    return attach(model, adapter, dropout=dropout)

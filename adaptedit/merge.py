@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from adaptedit.adapter import (Adapter, base_for, check_weight, lowrank_delta,
-                               recorded_targets, write_atomic_dir)
+from adaptedit.adapter import Adapter, lowrank_delta
+from adaptedit.atomic import check_output, write_atomic_dir
+from adaptedit.binding import base_for, check_weight, recorded_targets
 from adaptedit.combine import COMBINE, combine
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.methods import dora
@@ -248,8 +249,7 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
 
     opts = opts or MergeOptions()
     out = Path(out)
-    if out.exists() and not force:
-        raise AdapteditError(f"{out}: already exists; pass --force to replace it")
+    check_output(out, force)
     weights = validate_options(adapters, opts)
     check_same_base(adapters)
     for ad in adapters:

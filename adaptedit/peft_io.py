@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from adaptedit import __version__
-from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo, write_atomic_dir
+from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
+from adaptedit.atomic import write_atomic_dir
 from adaptedit.errors import AdapteditError
 from adaptedit.methods import peft_init_rewrites_base
 
@@ -105,6 +106,17 @@ def peft_config(adapter: Adapter, ranks: dict, base_ref: str | None = None) -> d
         "inference_mode": True,
         "revision": None,
     }
+
+
+def peft_base_ref(adapter: Adapter, base: str | None = None) -> str | None:
+    """The ``base_model_name_or_path`` to record: ``base`` if given, else the adapter's base
+    folder's path (a local folder) or its reference (a hub id, GGUF file ...)."""
+    if base:
+        return base
+    rec = adapter.config.base
+    if rec.get("kind") not in ("folder", None):
+        return rec.get("ref")
+    return rec.get("path") or rec.get("ref")
 
 
 def export_peft(adapter: Adapter, out: Path, *, force: bool = False,

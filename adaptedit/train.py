@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from adaptedit import __version__, data as D
-from adaptedit.adapter import (CONFIG_NAME, TENSORS_NAME, Adapter, base_for, check_base,
-                               load_adapter, save_adapter, write_adapter_files, write_atomic_dir)
+from adaptedit.adapter import CONFIG_NAME, TENSORS_NAME, Adapter, save_adapter, write_adapter_files
+from adaptedit.atomic import write_atomic_dir
+from adaptedit.binding import base_for, check_base
+from adaptedit.formats import load_adapter
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.layer import adapted_layers, attach, collect
 

@@ -41,7 +41,7 @@ def tuned_copy(source, adapter_folder: Path, out: Path, noise: float = 1e-4) -> 
     """Copy the base folder; targeted weights become W + ΔW + noise·N(0, 1) (full-rank part)."""
     from safetensors.torch import load_file, save_file
 
-    from adaptedit.adapter import load_adapter
+    from adaptedit.formats import load_adapter
     from adaptedit.targets import from_w, to_w
 
     shutil.copytree(source.path, out)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import make_adapter, run_cli, tensors
 
-from adaptedit.adapter import load_adapter
+from adaptedit.formats import load_adapter
 from adaptedit.combine import combine, dare, generator, trim
 from adaptedit.targets import to_w
 

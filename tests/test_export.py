@@ -10,7 +10,7 @@ import torch
 from helpers import METHODS, logits, make_adapter, run_cli
 from safetensors.torch import load_file, save_file
 
-from adaptedit.adapter import load_adapter
+from adaptedit.formats import load_adapter
 from adaptedit.layer import attach
 from adaptedit.merge import MergeOptions, merge
 from adaptedit.models import resolve

@@ -11,7 +11,7 @@ import torch
 from helpers import run_cli
 from safetensors.torch import load_file, save_file
 
-from adaptedit.adapter import load_adapter
+from adaptedit.formats import load_adapter
 from adaptedit.merge import MergeOptions, merge
 from adaptedit.models import resolve
 from adaptedit.targets import adaptable

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from adaptedit.adapter import load_adapter, save_adapter
+from adaptedit.adapter import save_adapter
+from adaptedit.formats import load_adapter
 from adaptedit.init import InitOptions, build
 from adaptedit.layer import attach
 from adaptedit.methods import delora

@@ -11,7 +11,7 @@ import torch
 from helpers import run_cli
 from safetensors.torch import load_file, save_file
 
-from adaptedit.adapter import load_adapter
+from adaptedit.formats import load_adapter
 from adaptedit.errors import AdapteditError
 from adaptedit.init import InitOptions, build
 from adaptedit.inspect import Options, inspect_adapters, inspect_checkpoints

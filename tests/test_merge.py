@@ -14,7 +14,7 @@ from helpers import METHODS, load_merged, logits, make_adapter, run_cli, tensors
 from safetensors.torch import load_file
 
 import fixtures
-from adaptedit.adapter import load_adapter
+from adaptedit.formats import load_adapter
 from adaptedit.combine import combine
 from adaptedit.errors import AdapteditError
 from adaptedit.layer import attach

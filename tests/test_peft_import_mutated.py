@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import run_cli
 
-from adaptedit.adapter import load_adapter
+from adaptedit.formats import load_adapter
 from adaptedit.errors import AdapteditError
 from adaptedit.merge import merge
 from adaptedit.models import resolve

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from adaptedit import train as T
-from adaptedit.adapter import load_adapter, save_adapter
+from adaptedit.adapter import save_adapter
+from adaptedit.formats import load_adapter
 from adaptedit.data import IGNORE, collate
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.init import InitOptions, build

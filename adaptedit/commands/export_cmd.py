@@ -8,7 +8,8 @@ import typer
 
 from adaptedit import console
 from adaptedit.commands.common import FORCE, JSON, QUIET, kv_table
-from adaptedit.errors import AdapteditError, UsageError
+from adaptedit.atomic import check_output
+from adaptedit.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -25,19 +26,15 @@ def export(
     quiet: bool = QUIET,
 ):
     """Export an adapter as a PEFT LoRA folder (exact: PiSSA-family updates as rank-2r LoRA)."""
-    from adaptedit.adapter import load_adapter
-    from adaptedit.peft_io import export_peft
+    from adaptedit.formats import load_adapter
+    from adaptedit.peft_io import export_peft, peft_base_ref
 
     console.configure(quiet=quiet, json_mode=json_)
     if format.lower() != "peft":
         raise UsageError(f"--format {format!r}: only peft is supported")
-    if out.exists() and not force:
-        raise AdapteditError(f"{out}: already exists; pass --force to replace it")
+    check_output(out, force)
     ad = load_adapter(adapter)
-    ref = base or ad.config.base.get("path") or ad.config.base.get("ref")
-    if ad.config.base.get("kind") not in ("folder", None) and not base:
-        ref = ad.config.base.get("ref")
-    summary = export_peft(ad, out, force=force, base_ref=ref)
+    summary = export_peft(ad, out, force=force, base_ref=peft_base_ref(ad, base))
     if json_:
         console.emit_json(summary)
         return

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from adaptedit import console
 from adaptedit.commands.common import FORCE, JSON, QUIET, TARGETS, TRUST
-from adaptedit.errors import AdapteditError, UsageError
+from adaptedit.atomic import check_output
+from adaptedit.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -39,8 +40,7 @@ def extract(
     console.configure(quiet=quiet, json_mode=json_)
     if (rank is None) == (energy is None):
         raise UsageError("give exactly one of --rank R or --energy E")
-    if out.exists() and not force:
-        raise AdapteditError(f"{out}: already exists; pass --force to replace it")
+    check_output(out, force)
     src_base = resolve(base, trust_remote_code=trust_remote_code)
     src_tuned = resolve(tuned, trust_remote_code=trust_remote_code)
     start = time.perf_counter()

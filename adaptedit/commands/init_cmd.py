@@ -11,7 +11,7 @@ from rich.table import Table
 from adaptedit import console
 from adaptedit.adapter import save_adapter
 from adaptedit.commands.common import DEVICE, FORCE, JSON, QUIET, TARGETS, TRUST, human_count
-from adaptedit.errors import AdapteditError
+from adaptedit.atomic import check_output
 from adaptedit.init import InitOptions, build, parameter_counts
 from adaptedit.methods import METHODS
 from adaptedit.models import resolve
@@ -44,8 +44,7 @@ def init(
 ):
     """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA; +DoRA) and write it to OUT."""
     console.configure(quiet=quiet, json_mode=json_)
-    if out.exists() and not force:
-        raise AdapteditError(f"{out}: already exists; pass --force to replace it")
+    check_output(out, force)
     opts = InitOptions(method=method, rank=rank, alpha=alpha, dora=dora, rslora=rslora,
                        targets=targets, rank_pattern=rank_pattern, svd=svd, niter=niter,
                        oversample=oversample, seed=seed, device=device, delora_lambda=delora_lambda)

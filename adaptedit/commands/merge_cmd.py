@@ -9,7 +9,8 @@ import typer
 
 from adaptedit import console
 from adaptedit.commands.common import FORCE, JSON, QUIET, TRUST, human_bytes, kv_table
-from adaptedit.errors import AdapteditError, UsageError
+from adaptedit.atomic import check_output
+from adaptedit.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -43,13 +44,12 @@ def merge(
     trust_remote_code: bool = TRUST,
 ):
     """Fold adapter(s) into the base weights: a safetensors model folder transformers loads as is."""
-    from adaptedit.adapter import load_adapter
+    from adaptedit.formats import load_adapter
     from adaptedit.merge import MergeOptions
     from adaptedit.merge import merge as do_merge
 
     console.configure(quiet=quiet, json_mode=json_)
-    if out.exists() and not force:
-        raise AdapteditError(f"{out}: already exists; pass --force to replace it")
+    check_output(out, force)
     opts = MergeOptions(weights=_parse_weights(weights), combine=combine, density=density,
                         seed=seed, dtype=dtype, max_shard_size=max_shard_size, verify=verify)
     loaded = [load_adapter(a) for a in adapters]

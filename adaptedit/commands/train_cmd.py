@@ -180,7 +180,8 @@ class Reporter:
 
 def _show_example(adapter_dir: Path, cfg, json_: bool) -> None:
     from adaptedit import data as D
-    from adaptedit.adapter import base_for, load_adapter
+    from adaptedit.binding import base_for
+    from adaptedit.formats import load_adapter
 
     adapter = load_adapter(adapter_dir)
     tok = base_for(adapter, None).tokenizer()
