@@ -19,7 +19,7 @@ m ⊙ (W + s·B'A') / ‖W + s·B'A'‖_row, the same function as adaptedit's.
 
 Import. A LoRA/DoRA folder becomes an Adapter with method "lora" (B₀ = 0), ``source="peft"`` and no
 fingerprints (PEFT records none). A folder saved with an ``init_lora_weights`` that rewrites the base
-(PiSSA, OLoRA, CorDA, LoftQ: :func:`adaptedit.methods.peft_init_rewrites_base`) is refused: its factors
+(PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: :func:`adaptedit.methods.peft_init_rewrites_base`) is refused: its factors
 apply to W − s·B₀A₀, and the fix is PEFT's ``path_initial_model_for_weight_conversion``. Only safetensors weights are read; ``adapter_model.bin`` (pickle) is
 refused.
 """

@@ -79,3 +79,23 @@ def test_inits_that_keep_the_base_still_import(tiny_llama, tmp_path, init):
     model = get_peft_model(resolve(str(tiny_llama)).load(dtype=torch.float32), cfg)
     model.save_pretrained(tmp_path / "a")
     assert load_adapter(tmp_path / "a").config.method == "lora"
+
+
+@pytest.mark.parametrize("init", ["corda", "loftq", "lora_ga", "LoRA_GA"])
+def test_inits_that_need_data_or_quantisation_refused(tiny_llama, tmp_path, init):
+    """CorDA, LoftQ and LoRA-GA rewrite the base from calibration data, a quantiser or gradients
+    (PEFT's lora_ga_init: W ← W − s·B₀A₀): nothing to recompute them from, so refused by name."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    model = get_peft_model(resolve(str(tiny_llama)).load(dtype=torch.float32),
+                           LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "a")
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["init_lora_weights"] = init
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(AdapteditError, match=f"init_lora_weights={init!r}"):
+        load_adapter(tmp_path / "a")

@@ -25,11 +25,11 @@ METHODS = {
 
 
 # PEFT ``init_lora_weights`` values that rewrite the base weight when PEFT builds (or loads) the
-# adapter: PiSSA and OLoRA set W ← W − s·B₀A₀ (pissa.PEFT_INITS, olora.PEFT_INITS), CorDA likewise
-# from activation statistics, LoftQ replaces W by a quantised residual. An adapter saved with one of
+# adapter: PiSSA and OLoRA set W ← W − s·B₀A₀ (pissa.PEFT_INITS, olora.PEFT_INITS), CorDA and LoRA-GA
+# likewise from activation statistics / gradients, LoftQ replaces W by a quantised residual. An adapter saved with one of
 # them (without PEFT's ``path_initial_model_for_weight_conversion``) only means something on that
 # rewritten base; read as ΔW = s·BA on the original base it is silently wrong.
-PEFT_BASE_REWRITING_INITS = pissa.PEFT_INITS + olora.PEFT_INITS + ("corda", "loftq")
+PEFT_BASE_REWRITING_INITS = pissa.PEFT_INITS + olora.PEFT_INITS + ("corda", "loftq", "lora_ga")
 
 
 def peft_init_rewrites_base(value) -> bool:
