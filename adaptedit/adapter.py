@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from adaptedit import __version__, methods
+from adaptedit import __version__, checks, methods
 from adaptedit.errors import AdapteditError
 from adaptedit.atomic import write_atomic_dir
 from adaptedit.methods import dora
@@ -72,7 +72,9 @@ class AdapterConfig:
     @classmethod
     def from_json(cls, d: dict) -> "AdapterConfig":
         d = dict(d)
-        d["modules"] = {k: ModuleInfo(**v) for k, v in d["modules"].items()}
+        fields = set(ModuleInfo.__dataclass_fields__)  # keys of a newer version are dropped
+        d["modules"] = {k: ModuleInfo(**{f: x for f, x in v.items() if f in fields})
+                        for k, v in d["modules"].items()}
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -161,10 +163,14 @@ def read_adapter(folder: Path) -> Adapter:
     folder = Path(folder)
     cfg_path = folder / CONFIG_NAME
     try:
-        raw = json.loads(cfg_path.read_text())
-        config = AdapterConfig.from_json(raw)
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
-        raise AdapteditError(f"{cfg_path}: invalid adapter config ({e})") from None
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapteditError(f"{cfg_path}: not valid JSON ({e}); the file is damaged: restore it "
+                             "or run init again") from None
+    except OSError as e:
+        raise AdapteditError(f"{cfg_path}: cannot read ({e.strerror or e})") from None
+    checks.config_json(raw, cfg_path)
+    config = AdapterConfig.from_json(raw)
     if config.format_version > FORMAT_VERSION:
         raise AdapteditError(f"{cfg_path}: format version {config.format_version} is newer than "
                              f"this adaptedit ({__version__}) reads; upgrade adaptedit")
@@ -192,10 +198,7 @@ def read_adapter(folder: Path) -> Adapter:
         missing = need - set(tensors[name])
         if missing:
             raise AdapteditError(f"{tpath}: module {name} lacks {', '.join(sorted(missing))}")
-        a = tensors[name]["lora_A"]
-        if a.shape[-1] != info.shape[1] or tensors[name]["lora_B"].shape[0] != info.shape[0]:
-            raise AdapteditError(f"{tpath}: {name} factors {tuple(tensors[name]['lora_B'].shape)} @ "
-                                 f"{tuple(a.shape)} do not match the module shape {info.shape}")
+    checks.adapter_tensors(adapter)
     return adapter
 
 

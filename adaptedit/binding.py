@@ -19,7 +19,11 @@ from adaptedit.models import resolve
 from adaptedit.targets import Target, adaptable
 
 
-def check_base(adapter: Adapter, source, *, names=None, verify_weights: bool = True) -> dict:
+BASE_FIX = "pass the right --base"
+
+
+def check_base(adapter: Adapter, source, *, names=None, verify_weights: bool = True,
+               fix: str = BASE_FIX) -> dict:
     """Refuse a base whose targeted weights differ from the ones the adapter was made for.
 
     Returns {module name: Target} for the adapter's modules in this base. Streaming commands pass
@@ -37,17 +41,18 @@ def check_base(adapter: Adapter, source, *, names=None, verify_weights: bool = T
             raise AdapteditError(f"adapter {adapter.path}: {name} is {info.shape[0]}×{info.shape[1]}"
                                  f" but base {source.ref} has {t.out_features}×{t.in_features}")
         if verify_weights:
-            check_weight(adapter, name, ckpt.get(t.key), source.ref)
+            check_weight(adapter, name, ckpt.get(t.key), source.ref, fix=fix)
     return found
 
 
-def check_weight(adapter: Adapter, name: str, weight: torch.Tensor, base_ref: str) -> None:
+def check_weight(adapter: Adapter, name: str, weight: torch.Tensor, base_ref: str, *,
+                 fix: str = BASE_FIX) -> None:
     """Compare one base weight (as stored) with the fingerprint recorded at init."""
     info = adapter.config.modules[name]
     if info.fingerprint and fingerprint(weight) != info.fingerprint:
         made_for = adapter.config.base.get("ref", "?")
         raise AdapteditError(f"adapter {adapter.path} was made for base {made_for}, but the weight "
-                             f"{info.key} of {base_ref} differs; pass the right --base")
+                             f"{info.key} of {base_ref} differs; {fix}")
 
 
 def base_for(adapter: Adapter, base: str | None, *, quiet: bool = True):

@@ -42,6 +42,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipytho
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
             ".parquet": "parquet", ".pq": "parquet"}
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+BOM = b"\xef\xbb\xbf"
+CSV_FIELD_MAX = 2**31 - 1  # csv's C limit (a long on every platform)
 
 
 class BadRow(Exception):
@@ -70,7 +72,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, object]]:
 
 
 def _first_char(path: Path) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM is not content
         while True:
             chunk = f.read(4096)
             if not chunk:
@@ -83,6 +85,8 @@ def _first_char(path: Path) -> str:
 def _jsonl(path: Path):
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
             if not raw.strip():
                 continue
             try:
@@ -95,9 +99,10 @@ def _jsonl(path: Path):
 
 def _json_list(path: Path):
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise AdapteditError(f"{path}: not valid UTF-8") from None
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise AdapteditError(f"{path}: not valid UTF-8 (byte {e.start}); save the file as UTF-8"
+                             ) from None
     dec = json.JSONDecoder()
     i = text.index("[") + 1
     line, pos = 1, 0
@@ -129,14 +134,34 @@ def _json_list(path: Path):
             i += 1
             continue
         if i < len(text) and text[i] == "]":
+            rest = skip(i + 1)
+            if rest < len(text):
+                raise AdapteditError(f"{path}:{line_at(rest)}: text after the end of the JSON list "
+                                     f"({text[rest:rest + 20].strip()!r}); remove it, or fix the list")
             return
         raise AdapteditError(f"{path}:{line_at(i)}: invalid JSON list (expected ',' or ']')")
 
 
 def _csv(path: Path):
-    with open(path, newline="", encoding="utf-8") as f:
+    limit = csv.field_size_limit()
+    csv.field_size_limit(CSV_FIELD_MAX)  # a long text in one cell is valid (default 128 KiB)
+    try:
+        yield from _csv_rows(path)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows(path: Path):
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None:
+        try:
+            fieldnames = reader.fieldnames
+        except UnicodeDecodeError as e:
+            raise AdapteditError(f"{path}:1: the CSV header is not valid UTF-8 (byte {e.start}); "
+                                 "save the file as UTF-8") from None
+        except csv.Error as e:
+            raise AdapteditError(f"{path}:1: unreadable CSV header ({e})") from None
+        if fieldnames is None:
             return
         if None in reader.fieldnames or "" in reader.fieldnames:
             raise AdapteditError(f"{path}:1: CSV header has an empty column name")
@@ -158,7 +183,10 @@ def _csv(path: Path):
                             continue
                     yield start, row
                 start = reader.line_num + 1
-        except (csv.Error, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise AdapteditError(f"{path}:{reader.line_num + 1}: not valid UTF-8 (byte "
+                                 f"{e.start} of a read block); save the file as UTF-8") from None
+        except csv.Error as e:
             raise AdapteditError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
 
 
@@ -251,6 +279,13 @@ def set_chat_template(tokenizer, path: Path) -> None:
     tokenizer.chat_template = text
 
 
+def template_names_role(template: str, role: str) -> bool:
+    """True when the chat template names ``role`` as a whole word: a quoted string ('observation')
+    or a tag (<|observation|>), not any substring (the role "e")."""
+    r = re.escape(role)
+    return re.search(rf"""(['"]){r}\1|<\|{r}\|>""", template) is not None
+
+
 class Tokenize:
     """Turn one checked row into (input_ids, trained) lists, following the masking rules."""
 
@@ -313,9 +348,9 @@ class Tokenize:
             raise AdapteditError("the tokenizer has no chat template, so 'messages' rows cannot be "
                                  "rendered; pass --chat-template FILE (a Jinja template)")
         for j, m in enumerate(messages):  # a typo, unless the template knows the role (GLM's
-            if m["role"] not in ROLES and m["role"] not in self.template:  # observation)
+            if m["role"] not in ROLES and not template_names_role(self.template, m["role"]):
                 raise BadRow(f"messages[{j}].role {m['role']!r} is neither a standard role "
-                             f"({', '.join(ROLES)}) nor one the chat template mentions")
+                             f"({', '.join(ROLES)}) nor one the chat template names")
         try:
             if self.generation_tags:
                 enc = self.tok.apply_chat_template(messages, tokenize=True, return_dict=True,

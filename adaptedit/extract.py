@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptedit import checks
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import fingerprint, randomized_svd
@@ -73,6 +74,7 @@ def extract(base: ModelSource, tuned: ModelSource, *, rank: int | None = None,
     compare_checkpoints(base, tuned, "extract")
     bc, tc = base.checkpoint, tuned.checkpoint
     chosen = select(adaptable(base.meta_model(), bc.keys()), targets)
+    checks.seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tensors, infos, reports = {}, {}, []
     task = progress.add_task("Extracting", total=len(chosen)) if progress else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaptedit import adapter, peft_io
+from adaptedit import adapter, checks, peft_io
 from adaptedit.errors import AdapteditError
 
 NATIVE, PEFT = "adaptedit", "peft"
@@ -35,6 +35,8 @@ def load_adapter(folder: str | Path) -> adapter.Adapter:
     if kind == NATIVE:
         return adapter.read_adapter(folder)
     if kind == PEFT:
-        return peft_io.import_peft(folder)
+        ad = peft_io.import_peft(folder)
+        checks.adapter_tensors(ad)
+        return ad
     raise AdapteditError(f"{folder}: not an adapter folder (no {adapter.CONFIG_NAME} or "
                          f"{peft_io.CONFIG})")

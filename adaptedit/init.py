@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptedit import methods
+from adaptedit import checks, methods
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import fingerprint
@@ -91,6 +91,7 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
         raise UsageError(f"--alpha {opts.alpha:g}: must be a positive number (scaling = α / r)")
     if not (math.isfinite(opts.delora_lambda) and opts.delora_lambda > 0):
         raise UsageError(f"--delora-lambda {opts.delora_lambda:g}: must be a positive number")
+    checks.seed(opts.seed)
     device = resolve_device(opts.device)
     targets, ranks = plan(source, opts)
     alpha = float(opts.alpha) if opts.alpha is not None else method.default_alpha(opts.rank)

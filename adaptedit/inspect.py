@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from adaptedit import __version__
+from adaptedit import __version__, checks
 from adaptedit import geometry as G
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.targets import Target, select, to_w
@@ -67,6 +67,7 @@ class Options:
             raise UsageError(f"--intruder-eps {self.intruder_eps:g}: must be in (0, 1]")
         if self.svd not in ("auto", "full", "randomized"):
             raise UsageError(f"--svd {self.svd!r}: use auto, full or randomized")
+        checks.seed(self.seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,14 +376,6 @@ def _adapter_targets(adapter, spec: str | None) -> list[Target]:
     return select([module_target(n, i) for n, i in adapter.config.modules.items()], spec)
 
 
-def _check_finite(adapter) -> None:
-    for name, ts in adapter.tensors.items():
-        bad = [k for k, v in ts.items() if not torch.isfinite(v).all()]
-        if bad:
-            raise AdapteditError(f"adapter {adapter.path}: {name}.{bad[0]} has NaN or Inf; "
-                                 "the adapter is broken (diverged training?)")
-
-
 def _adapter_delta(adapter, name: str, w: torch.Tensor) -> dict:
     """The keyword arguments of :func:`analyze_module` for one adapter module (or None: ΔW = 0)."""
     if zero_update(adapter, name):
@@ -433,7 +426,7 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
     opts.validate()
     start = time.perf_counter()
     main = load_adapter(folders[0])
-    _check_finite(main)
+    checks.adapter_tensors(main)
     points_src = []  # (label, step, Adapter)
     if trajectory:
         dirs = checkpoint_dirs(main.path)
@@ -451,7 +444,7 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
     if len(folders) > 1:
         points_src.insert(0, (str(folders[0]), None, main))
     for _, _, ad in points_src:  # adapters of other targets are compared on the modules they share
-        _check_finite(ad)
+        checks.adapter_tensors(ad)
     source = resolve(base, trust_remote_code=trust_remote_code) if base else base_for(main, None)
     targets = _adapter_targets(main, opts.targets)
     # the adapter's record against the checkpoint headers: no transformers model to build (seconds)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from adaptedit import checks
 from adaptedit.adapter import Adapter, lowrank_delta
 from adaptedit.atomic import check_output, write_atomic_dir
 from adaptedit.binding import base_for, check_weight, recorded_targets
@@ -104,6 +105,7 @@ def validate_options(adapters: list[Adapter], opts: MergeOptions) -> list[float]
     if opts.combine == "linear" and opts.density != 1.0:
         raise UsageError(f"--density {opts.density:g} applies to --combine ties, dare_linear or "
                          "dare_ties; linear keeps every entry (choose one of those or drop --density)")
+    checks.seed(opts.seed)
     if opts.dtype not in ("auto", *DTYPES):
         raise UsageError(f"--dtype {opts.dtype!r}: choose auto, bf16, fp16 or fp32")
     weights = opts.weights or [1.0] * len(adapters)
@@ -253,11 +255,7 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
     weights = validate_options(adapters, opts)
     check_same_base(adapters)
     for ad in adapters:
-        for name, ts in ad.tensors.items():
-            bad = [k for k, v in ts.items() if not torch.isfinite(v).all()]
-            if bad:
-                raise AdapteditError(f"adapter {ad.path}: {name}.{bad[0]} has NaN or Inf; "
-                                     "the adapter is broken (diverged training?)")
+        checks.adapter_tensors(ad)
     source = (resolve(base, trust_remote_code=trust_remote_code) if base
               else base_for(adapters[0], None))
     ckpt = source.checkpoint

@@ -244,8 +244,23 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
                                  "that holds it with config.json")
         raise AdapteditError(f"{path}: not a model folder or a .gguf file")
     if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        bad = _bad_hub_name(ref.partition("@")[0])
+        if bad:
+            raise AdapteditError(f"{ref}: no such file or folder, and not a valid hub id ({bad})")
         return _from_hub(ref, trust_remote_code)
     raise AdapteditError(f"{ref}: no such file or folder, and not a hub id (org/name)")
+
+
+def _bad_hub_name(repo_id: str) -> str | None:
+    """What makes ``org/name`` an invalid hub repository id (the hub's naming rules), or None."""
+    for part in repo_id.split("/"):
+        if ".." in part or "--" in part:
+            return f"{part!r} contains '..' or '--'"
+        if part[:1] in ".-" or part[-1:] in ".-":
+            return f"{part!r} starts or ends with '.' or '-'"
+    if len(repo_id) > 96:
+        return "longer than 96 characters"
+    return None
 
 
 def _from_hub(ref: str, trust_remote_code: bool) -> ModelSource:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from adaptedit import __version__
+from adaptedit import __version__, checks
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.atomic import write_atomic_dir
 from adaptedit.errors import AdapteditError
@@ -124,6 +124,7 @@ def export_peft(adapter: Adapter, out: Path, *, force: bool = False,
     """Write ``adapter`` as a PEFT LoRA folder that PeftModel.from_pretrained loads on the base."""
     from safetensors.torch import save_file
 
+    checks.adapter_tensors(adapter)  # the checks of every command that reads an adapter
     if adapter.config.method not in ("lora", "pissa", "milora", "olora", "delora"):
         raise AdapteditError(f"method {adapter.config.method} has no exact PEFT LoRA form")
     flat, ranks = peft_tensors(adapter)
@@ -159,6 +160,7 @@ def import_peft(folder: str | Path) -> Adapter:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise AdapteditError(f"{cfg_path}: unreadable PEFT config ({e})") from None
+    checks.peft_config_json(cfg, cfg_path)
     ptype = str(cfg.get("peft_type", "")).upper()
     if ptype != "LORA":
         raise AdapteditError(f"{cfg_path}: PEFT type {ptype or '(none)'} is not supported; "

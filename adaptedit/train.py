@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adaptedit import __version__, data as D
+from adaptedit import __version__, checks, data as D
 from adaptedit.adapter import CONFIG_NAME, TENSORS_NAME, Adapter, save_adapter, write_adapter_files
 from adaptedit.atomic import write_atomic_dir
 from adaptedit.binding import base_for, check_base
@@ -48,6 +48,9 @@ METRICS = "metrics.jsonl"
 DEFAULT_LR = {"lora": 2e-4, "pissa": 2e-5, "milora": 3e-4, "olora": 2e-4, "delora": 2e-4}
 LR_SOURCE = {"pissa": "PiSSA paper", "milora": "MiLoRA paper"}
 PATHS = ("data", "eval_data", "chat_template")
+# train reads the base the adapter records (it has no --base): the fix is that base, or a new init
+TRAIN_BASE_FIX = ("train uses the base recorded in the adapter: restore that model, or run "
+                  "`adaptedit init` on this one")
 # options that fix the trajectory: --resume refuses to change them
 LOCKED = ("data", "eval_data", "eval_split", "steps", "epochs", "batch_size", "grad_accum",
           "max_length", "lr", "lr_schedule", "warmup", "weight_decay", "max_grad_norm",
@@ -95,14 +98,31 @@ def load_toml(path: Path) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise AdapteditError(f"--config {path}: invalid TOML ({e})") from None
     raw = raw.get("train", raw)
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config {path}: 'train' must be a table ([train])")
     out = {}
+    types = {f.name: f.type for f in fields(TrainConfig)}
     for k, v in raw.items():
         key = k.replace("-", "_")
         if key not in TrainConfig.names():
             raise UsageError(f"--config {path}: unknown option {k!r}; known: "
                              f"{', '.join(n.replace('_', '-') for n in TrainConfig.names())}")
-        out[key] = v
+        kind = str(types[key]).split(" |")[0]  # "int | None": TOML has no null
+        ok, what = TOML_TYPES[kind]
+        if not ok(v):
+            shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+            raise UsageError(f"--config {path}: {k} = {shown} must be {what}, as --"
+                             f"{key.replace('_', '-')} on the command line")
+        out[key] = float(v) if kind == "float" else v
     return out
+
+
+TOML_TYPES = {
+    "bool": (lambda v: isinstance(v, bool), "true or false (a TOML boolean)"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
 
 
 def make_config(cli: dict, config_file: Path | None = None, *,
@@ -138,6 +158,9 @@ def validate(cfg: TrainConfig, resume: bool = False) -> None:
 
     if not cfg.data and not resume:
         bad("--data FILE is required")
+    for name in ("eval_split", "epochs", "lr", "warmup", "weight_decay", "max_grad_norm"):
+        checks.finite(getattr(cfg, name), f"--{name.replace('_', '-')}")
+    checks.seed(cfg.seed)
     if cfg.eval_data and cfg.eval_split:
         bad("use either --eval-data or --eval-split, not both")
     if not 0 <= cfg.eval_split < 1:
@@ -522,7 +545,7 @@ def train(run: Run, reporter=None, *, model=None) -> dict:
     torch.manual_seed(cfg.seed)
     if model is None:
         source = base_for(run.adapter, None)
-        check_base(run.adapter, source)
+        check_base(run.adapter, source, fix=TRAIN_BASE_FIX)
         model = source.load(dtype=run.dtype, device=run.device)
     attach(model, run.adapter)
     if cfg.grad_checkpointing:

@@ -1,0 +1,253 @@
+"""A corpus of bad input (issue 11): every case is refused with one line that names the file or the
+option and the fix, a non-zero exit code, the inputs byte-identical afterwards and nothing left
+behind. Valid files that were once refused (BOM, long CSV fields) are accepted.
+
+Each case builds its inputs under tmp_path from the session fixtures (tests/fixtures.py) and runs
+the CLI in-process (helpers.run_cli).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fixtures
+from helpers import make_adapter, run_cli
+
+from adaptedit import data as D
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_llama, tmp_path_factory):
+    return make_adapter(tiny_llama, tmp_path_factory.mktemp("bad_input") / "ad")
+
+
+def _copy(adapter: Path, root: Path, *, config=None, tensors=None) -> Path:
+    """A copy of the adapter under root/ad, its JSON and tensors edited by the given functions."""
+    folder = root / "ad"
+    shutil.copytree(adapter, folder)
+    if config:
+        cfg = json.loads((folder / "adaptedit.json").read_text())
+        config(cfg)
+        (folder / "adaptedit.json").write_text(json.dumps(cfg))
+    if tensors:
+        t = load_file(str(folder / "adapter.safetensors"))
+        tensors(t)
+        save_file(t, str(folder / "adapter.safetensors"))
+    return folder
+
+
+def _first(t: dict, suffix: str) -> str:
+    return next(k for k in sorted(t) if k.endswith(suffix))
+
+
+def _nan(t):
+    k = _first(t, ".lora_B")
+    t[k] = torch.full_like(t[k], float("nan"))
+
+
+def _rank5(t):  # lora_B out×5 with lora_A 4×in: "mat1 and mat2 shapes cannot be multiplied"
+    k = _first(t, ".lora_B")
+    t[k] = torch.zeros(t[k].shape[0], 5)
+
+
+def _peft(adapter: Path, root: Path, config) -> Path:
+    """A PEFT folder holding the adapter's factors, with the given adapter_config.json."""
+    folder = root / "peft"
+    folder.mkdir()
+    t = load_file(str(adapter / "adapter.safetensors"))
+    out = {f"base_model.model.{k.rsplit('.', 1)[0]}.{k.rsplit('.', 1)[1]}.weight": v
+           for k, v in t.items() if k.endswith((".lora_A", ".lora_B"))}
+    save_file(out, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _peft_config(base) -> dict:
+    return {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "base_model_name_or_path": str(base)}
+
+
+def _data(root: Path, name="d.jsonl", text='{"text": "hello world"}\n' * 4) -> Path:
+    path = root / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def _train(folder, data, *extra):
+    return ["train", str(folder), "--data", str(data), "--steps", "1", "--device", "cpu", *extra]
+
+
+# Each case: (inputs under root) -> (argv, expected exit code, a regex the message must match,
+# a regex it must not match). The regex names the file or option the problem is in.
+CASES = {
+    # adaptedit.json of the wrong shape (item 17)
+    "config_method_list": lambda ad, base, root: (
+        ["inspect", str(_copy(ad, root, config=lambda c: c.update(method=["lora"])))], 1,
+        r"ad/adaptedit\.json: method is \['lora'\], expected a string", None),
+    "config_format_version_string": lambda ad, base, root: (
+        ["inspect", str(_copy(ad, root, config=lambda c: c.update(format_version="1")))], 1,
+        r"adaptedit\.json: format_version is '1', expected an integer", None),
+    "config_modules_list": lambda ad, base, root: (
+        ["export", str(_copy(ad, root, config=lambda c: c.update(modules=[]))), "-o",
+         str(root / "out")], 1, r"adaptedit\.json: modules is \[\], expected an object", None),
+    # one validation path for every command that reads an adapter (item 13)
+    "export_nan_adapter": lambda ad, base, root: (
+        ["export", str(_copy(ad, root, tensors=_nan)), "-o", str(root / "out")], 1,
+        r"adapter .*ad: .*lora_B holds NaN or Inf", None),
+    "export_rank_mismatch": lambda ad, base, root: (
+        ["export", str(_copy(ad, root, tensors=_rank5)), "-o", str(root / "out")], 1,
+        r"adapter .*ad: .*lora_B is 32×5 but the module is 32×64 at rank 4", None),
+    "merge_rank_mismatch": lambda ad, base, root: (
+        ["merge", str(_copy(ad, root, tensors=_rank5)), "-o", str(root / "out")], 1,
+        r"adapter .*ad: .*lora_B is 32×5", r"mat1|mat2"),
+    "inspect_rank_mismatch": lambda ad, base, root: (
+        ["inspect", str(_copy(ad, root, tensors=_rank5))], 1, r"adapter .*ad: .*lora_B is 32×5",
+        None),
+    # a NaN adapter is not a learning-rate problem (item 18)
+    "train_nan_adapter": lambda ad, base, root: (
+        _train(_copy(ad, root, tensors=_nan), _data(root)), 1, r"adapter .*ad: .*holds NaN",
+        r"--lr"),
+    # PEFT configs (item 17)
+    "peft_r_string": lambda ad, base, root: (
+        ["inspect", str(_peft(ad, root, {**_peft_config(base), "r": "four"}))], 1,
+        r"peft/adapter_config\.json: r is 'four', expected a positive integer", None),
+    "peft_config_list": lambda ad, base, root: (
+        ["inspect", str(_peft(ad, root, [_peft_config(base)]))], 1,
+        r"peft/adapter_config\.json: expected a JSON object, got list", None),
+    "peft_bad_rank_pattern_regex": lambda ad, base, root: (
+        ["export", str(_peft(ad, root, {**_peft_config(base), "rank_pattern": {"(": 4}})), "-o",
+         str(root / "out")], 1,
+        r"adapter_config\.json: rank_pattern key '\(' is not a valid regular expression",
+        r"error: error"),
+    # options (item 17)
+    "train_seed_huge": lambda ad, base, root: (
+        _train(_copy(ad, root), _data(root), "--seed", str(2**70)), 2,
+        r"--seed 1180591620717411303424: must be an integer from 0 to", None),
+    "init_seed_huge": lambda ad, base, root: (
+        ["init", str(base), "-o", str(root / "out"), "--seed", str(2**64)], 2, r"--seed \d+: must",
+        None),
+    "merge_seed_negative": lambda ad, base, root: (
+        ["merge", str(ad), "-o", str(root / "out"), "--seed", "-1"], 2, r"--seed -1: must", None),
+    "train_epochs_nan": lambda ad, base, root: (
+        ["train", str(_copy(ad, root)), "--data", str(_data(root)), "--epochs", "nan"], 2,
+        r"--epochs nan: must be a finite number", None),
+    "train_weight_decay_nan": lambda ad, base, root: (
+        _train(_copy(ad, root), _data(root), "--weight-decay", "nan"), 2,
+        r"--weight-decay nan: must be a finite number", None),
+    "train_lr_inf": lambda ad, base, root: (
+        _train(_copy(ad, root), _data(root), "--lr", "inf"), 2, r"--lr inf: must be a finite",
+        None),
+    # TOML values are typed like CLI options (items 16, 17)
+    "toml_mask_prompt_string": lambda ad, base, root: (
+        _train(_copy(ad, root), _data(root), "--config",
+               str(_data(root, "t.toml", 'mask_prompt = "no"\n'))), 2,
+        r"--config .*t\.toml: mask_prompt = 'no' must be true or false", None),
+    "toml_steps_string": lambda ad, base, root: (
+        ["train", str(_copy(ad, root)), "--data", str(_data(root)), "--config",
+         str(_data(root, "t.toml", 'steps = "3"\n'))], 2,
+        r"--config .*t\.toml: steps = '3' must be an integer", None),
+    "toml_lr_bool": lambda ad, base, root: (
+        _train(_copy(ad, root), _data(root), "--config",
+               str(_data(root, "t.toml", "[train]\nlr = true\n"))), 2,
+        r"--config .*t\.toml: lr = True must be a number", None),
+    # data files (items 16, 17)
+    "json_list_trailing_garbage": lambda ad, base, root: (
+        _train(_copy(ad, root), _data(root, "d.json", '[{"text": "hello"}] garbage\n')), 1,
+        r"d\.json:1: text after the end of the JSON list \('garbage'\)", None),
+    "chat_role_substring_of_template": lambda ad, base, root: (
+        _train(_copy(ad, root), _data(root, "c.jsonl", json.dumps({"messages": [
+            {"role": "e", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")), 1,
+        r"c\.jsonl:1: messages\[0\]\.role 'e' is neither a standard role", None),
+    "csv_header_not_utf8": lambda ad, base, root: (
+        _train(_copy(ad, root), _data(root, "d.csv", b"te\xffxt\nhello\n")), 1,
+        r"d\.csv:1: the CSV header is not valid UTF-8 \(byte 2\); save the file as UTF-8", None),
+    # misleading hints (item 18)
+    "hub_id_dot_dot": lambda ad, base, root: (
+        ["init", "a/..", "-o", str(root / "out")], 1,
+        r"a/\.\.: no such file or folder, and not a valid hub id", r"cache"),
+}
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_in_one_line(case, adapter, tiny_llama, tmp_path):
+    root = tmp_path / "case"
+    root.mkdir()
+    argv, code, want, unwanted = CASES[case](adapter, tiny_llama, root)
+    before, base_before = _snapshot(root), _snapshot(tiny_llama)
+    rc, out, err = run_cli(argv)
+    assert rc == code, (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(want, lines[0]), lines[0]
+    assert not re.search(r"\b\w+(Error|Exception)\b|Traceback|ADAPTEDIT_DEBUG", lines[0]), lines[0]
+    if unwanted:
+        assert not re.search(unwanted, lines[0]), lines[0]
+    assert _snapshot(root) == before  # inputs byte-identical, nothing left behind
+    assert _snapshot(tiny_llama) == base_before
+
+
+def test_train_on_a_changed_base_names_no_missing_option(tiny_llama, tmp_path):
+    """train has no --base: its hint names what to do instead (item 18)."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    folder = make_adapter(base, tmp_path / "ad")
+    fixtures.make_tiny_llama(base, seed=1)  # same shapes, other weights, same path
+    data = _data(tmp_path)
+    before = _snapshot(tmp_path)
+    rc, _, err = run_cli(_train(folder, data))
+    assert rc == 1
+    assert "was made for base" in err and "--base" not in err
+    assert "restore that model, or run `adaptedit init` on this one" in err
+    assert _snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------- valid files accepted
+
+
+TEXTS = ["hello world", "the quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return fixtures.make_tokenizer()
+
+
+def _texts(data: D.TokenizedData, tok) -> list[str]:
+    return [tok.decode(data.example(i)[0].tolist(), skip_special_tokens=True)
+            for i in range(len(data))]
+
+
+@pytest.mark.parametrize("name,content", [
+    ("bom.json", b"\xef\xbb\xbf" + json.dumps([{"text": t} for t in TEXTS]).encode()),
+    ("bom.jsonl", b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\n" for t in TEXTS).encode()),
+    ("bom.csv", b"\xef\xbb\xbftext\n" + "".join(f"{t}\n" for t in TEXTS).encode()),
+])
+def test_a_byte_order_mark_is_not_content(name, content, tok, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(content)
+    data = D.load(path, tok, max_length=64)
+    assert _texts(data, tok) == TEXTS
+    assert path.read_bytes() == content
+
+
+def test_a_csv_field_over_128_kib_is_read_whole(tok, tmp_path):
+    import csv
+
+    long = "word " * 60_000  # 300 KB in one cell (csv's default limit is 128 KiB)
+    path = tmp_path / "long.csv"
+    path.write_text(f'prompt,completion\n"{long}",short\nhi,there\n')
+    limit = csv.field_size_limit()
+    data = D.load(path, tok, max_length=32, mask_prompt=False)
+    assert len(data) == 2 and data.stats.truncated == 1
+    assert csv.field_size_limit() == limit  # the process-wide limit is restored
