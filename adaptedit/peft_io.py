@@ -35,7 +35,7 @@ import torch
 
 from adaptedit import __version__, checks
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
-from adaptedit.atomic import write_atomic_dir
+from adaptedit.atomic import check_output, write_atomic_dir
 from adaptedit.errors import AdapteditError
 from adaptedit.methods import peft_init_rewrites_base
 
@@ -124,6 +124,7 @@ def export_peft(adapter: Adapter, out: Path, *, force: bool = False,
     """Write ``adapter`` as a PEFT LoRA folder that PeftModel.from_pretrained loads on the base."""
     from safetensors.torch import save_file
 
+    check_output(out, inputs=[adapter.path], force=force)
     checks.adapter_tensors(adapter)  # the checks of every command that reads an adapter
     if adapter.config.method not in ("lora", "pissa", "milora", "olora", "delora"):
         raise AdapteditError(f"method {adapter.config.method} has no exact PEFT LoRA form")
@@ -222,6 +223,9 @@ def import_peft(folder: str | Path) -> Adapter:
         if r != a.shape[0]:
             raise AdapteditError(f"{cfg_path}: module {name} has rank {a.shape[0]} in the weights "
                                  f"but {r} in the config")
+        if r < 1 or not math.isfinite(alpha):
+            raise AdapteditError(f"{cfg_path}: module {name} has r {r} and lora_alpha {alpha}; r "
+                                 "must be a positive integer and lora_alpha a finite number")
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         modules[name] = ModuleInfo(kind=kind, shape=[int(b.shape[0]), int(a.shape[1])], rank=r,
                                    alpha=alpha, scaling=scaling, key=f"{name}.weight",

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from adaptedit import __version__, checks, data as D
 from adaptedit.adapter import CONFIG_NAME, TENSORS_NAME, Adapter, save_adapter, write_adapter_files
-from adaptedit.atomic import write_atomic_dir
+from adaptedit.atomic import check_output, write_atomic_dir
 from adaptedit.binding import base_for, check_base
 from adaptedit.formats import load_adapter
 from adaptedit.errors import AdapteditError, UsageError
@@ -463,6 +463,9 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
         start = int(state["step"])
     else:
         adapter = load_adapter(adapter_dir)
+        if out is not None:
+            check_output(out, inputs=_inputs_of(adapter, adapter_dir, cfg), force=True,
+                         option="-o")
         if out is not None and Path(out).exists():
             raise AdapteditError(f"-o {out}: already exists; pass --resume to continue its run, or "
                                  "choose a new folder")
@@ -501,6 +504,13 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
             save_adapter(adapter, Path(out), force=False)
     return Run(folder, cfg, adapter, train_data, eval_data, total, warm, lr, device, dtype,
                dist.world, start, state, state_tensors)
+
+
+def _inputs_of(adapter: Adapter, adapter_dir: Path, cfg: TrainConfig) -> list:
+    """What a run reads: the adapter folder, the data files, the template, the base folder."""
+    base = adapter.config.base
+    return [adapter_dir, cfg.data, cfg.eval_data, cfg.chat_template,
+            base.get("path") if base.get("kind") == "folder" else None]
 
 
 class Interrupted(Exception):

@@ -32,7 +32,7 @@ def export(
     console.configure(quiet=quiet, json_mode=json_)
     if format.lower() != "peft":
         raise UsageError(f"--format {format!r}: only peft is supported")
-    check_output(out, force)
+    check_output(out, force, inputs=[adapter])
     ad = load_adapter(adapter)
     summary = export_peft(ad, out, force=force, base_ref=peft_base_ref(ad, base))
     if json_:

@@ -35,14 +35,15 @@ def extract(
     """Extract a LoRA adapter of BASE from the difference TUNED − BASE (truncated SVD)."""
     from adaptedit.adapter import save_adapter
     from adaptedit.extract import extract as do_extract
-    from adaptedit.models import resolve
+    from adaptedit.models import model_inputs, resolve
 
     console.configure(quiet=quiet, json_mode=json_)
     if (rank is None) == (energy is None):
         raise UsageError("give exactly one of --rank R or --energy E")
-    check_output(out, force)
+    check_output(out, force, inputs=[base, tuned])
     src_base = resolve(base, trust_remote_code=trust_remote_code)
     src_tuned = resolve(tuned, trust_remote_code=trust_remote_code)
+    check_output(out, force, inputs=model_inputs(src_base) + model_inputs(src_tuned))
     start = time.perf_counter()
     with console.progress() as bar:
         adapter, reports, changed = do_extract(src_base, src_tuned, rank=rank, energy=energy,

@@ -14,7 +14,7 @@ from adaptedit.commands.common import DEVICE, FORCE, JSON, QUIET, TARGETS, TRUST
 from adaptedit.atomic import check_output
 from adaptedit.init import InitOptions, build, parameter_counts
 from adaptedit.methods import METHODS
-from adaptedit.models import resolve
+from adaptedit.models import model_inputs, resolve
 
 
 def register(app: typer.Typer) -> None:
@@ -44,11 +44,12 @@ def init(
 ):
     """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA; +DoRA) and write it to OUT."""
     console.configure(quiet=quiet, json_mode=json_)
-    check_output(out, force)
+    check_output(out, force, inputs=[model])
     opts = InitOptions(method=method, rank=rank, alpha=alpha, dora=dora, rslora=rslora,
                        targets=targets, rank_pattern=rank_pattern, svd=svd, niter=niter,
                        oversample=oversample, seed=seed, device=device, delora_lambda=delora_lambda)
     source = resolve(model, trust_remote_code=trust_remote_code, quiet=console.quiet())
+    check_output(out, force, inputs=model_inputs(source))
     start = time.perf_counter()
     with console.progress() as bar:
         adapter = build(source, opts, progress=bar)

@@ -49,7 +49,7 @@ def merge(
     from adaptedit.merge import merge as do_merge
 
     console.configure(quiet=quiet, json_mode=json_)
-    check_output(out, force)
+    check_output(out, force, inputs=[*adapters, base])
     opts = MergeOptions(weights=_parse_weights(weights), combine=combine, density=density,
                         seed=seed, dtype=dtype, max_shard_size=max_shard_size, verify=verify)
     loaded = [load_adapter(a) for a in adapters]
