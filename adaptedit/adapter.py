@@ -178,7 +178,6 @@ def read_adapter(folder: Path) -> Adapter:
     if config.method not in methods.METHODS:
         raise AdapteditError(f"{cfg_path}: unknown method {config.method!r}; this adaptedit "
                              f"({__version__}) knows {', '.join(methods.METHODS)}")
-    check_numbers(config, cfg_path)
     tpath = folder / TENSORS_NAME
     if not tpath.exists():
         raise AdapteditError(f"{folder}: {TENSORS_NAME} is missing; the adapter folder is incomplete (copy it again or rerun init)")
@@ -202,27 +201,6 @@ def read_adapter(folder: Path) -> Adapter:
             raise AdapteditError(f"{tpath}: module {name} lacks {', '.join(sorted(missing))}")
     checks.adapter_tensors(adapter)
     return adapter
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_numbers(config: AdapterConfig, where) -> None:
-    """Refuse ranks, alphas and scalings that are not finite numbers (a NaN scaling makes every
-    merged weight NaN)."""
-    if not _finite(config.alpha):
-        raise AdapteditError(f"{where}: alpha is {config.alpha!r}; it must be a finite number "
-                             "(fix the file, or rerun init)")
-    for name, info in config.modules.items():
-        if isinstance(info.rank, bool) or not isinstance(info.rank, int) or info.rank < 1:
-            raise AdapteditError(f"{where}: module {name} has rank {info.rank!r}; it must be a "
-                                 "positive integer (fix the file, or rerun init)")
-        for key in ("alpha", "scaling"):
-            v = getattr(info, key)
-            if not _finite(v):
-                raise AdapteditError(f"{where}: module {name} has {key} {v!r}; it must be a "
-                                     "finite number (fix the file, or rerun init)")
 
 
 def _split_candidates(key: str):

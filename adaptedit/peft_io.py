@@ -223,9 +223,6 @@ def import_peft(folder: str | Path) -> Adapter:
         if r != a.shape[0]:
             raise AdapteditError(f"{cfg_path}: module {name} has rank {a.shape[0]} in the weights "
                                  f"but {r} in the config")
-        if r < 1 or not math.isfinite(alpha):
-            raise AdapteditError(f"{cfg_path}: module {name} has r {r} and lora_alpha {alpha}; r "
-                                 "must be a positive integer and lora_alpha a finite number")
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         modules[name] = ModuleInfo(kind=kind, shape=[int(b.shape[0]), int(a.shape[1])], rank=r,
                                    alpha=alpha, scaling=scaling, key=f"{name}.weight",
