@@ -16,7 +16,7 @@ from adaptedit.adapter import Adapter, ModuleInfo
 from adaptedit.errors import AdapteditError
 from adaptedit.linalg import fingerprint
 from adaptedit.models import resolve
-from adaptedit.targets import Target, adaptable
+from adaptedit.targets import Target
 
 
 BASE_FIX = "pass the right --base"
@@ -30,7 +30,7 @@ def check_base(adapter: Adapter, source, *, names=None, verify_weights: bool = T
     ``verify_weights=False`` and call :func:`check_weight` on each tensor as they read it.
     """
     ckpt = source.checkpoint
-    found = {t.name: t for t in adaptable(source.meta_model(), ckpt.keys())}
+    found = {t.name: t for t in source.targets}
     for name in names or adapter.names:
         info = adapter.config.modules[name]
         t = found.get(name)

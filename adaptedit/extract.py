@@ -21,7 +21,7 @@ from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import fingerprint, randomized_svd
 from adaptedit.models import ModelSource, compare_checkpoints
-from adaptedit.targets import adaptable, select, to_w
+from adaptedit.targets import select, to_w
 
 EXACT_MAX = 1024  # min(out, in) up to which the exact SVD is used at a fixed rank
 
@@ -73,7 +73,7 @@ def extract(base: ModelSource, tuned: ModelSource, *, rank: int | None = None,
         raise UsageError(f"--energy {energy:g}: must be in (0, 1]")
     compare_checkpoints(base, tuned, "extract")
     bc, tc = base.checkpoint, tuned.checkpoint
-    chosen = select(adaptable(base.meta_model(), bc.keys()), targets)
+    chosen = select(base.targets, targets)
     checks.seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tensors, infos, reports = {}, {}, []

@@ -18,7 +18,7 @@ from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import fingerprint
 from adaptedit.methods import dora
 from adaptedit.models import ModelSource
-from adaptedit.targets import (Target, adaptable, parse_pattern, pattern_unmatched, pattern_value,
+from adaptedit.targets import (Target, parse_pattern, pattern_unmatched, pattern_value,
                                select, to_w)
 
 BATCH_BYTES = 256 << 20  # float32 weights decomposed together at most
@@ -55,7 +55,7 @@ def resolve_device(device: str) -> torch.device:
 def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str, int]]:
     """The targets and their ranks; validates ranks against shapes (names the module)."""
     methods.get(opts.method)  # validates the name before the model is read
-    targets = select(adaptable(source.meta_model(), source.checkpoint.keys()), opts.targets)
+    targets = select(source.targets, opts.targets)
     pattern = parse_pattern(opts.rank_pattern)
     unmatched = pattern_unmatched([t.name for t in targets], pattern)
     if unmatched:

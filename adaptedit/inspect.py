@@ -507,7 +507,6 @@ def inspect_checkpoints(base: str | None, tuned: str, *, opts: Options | None = 
                         trust_remote_code: bool = False) -> dict:
     """ΔW = W_tuned − W_base for every selected linear module, one tensor pair at a time."""
     from adaptedit.models import compare_checkpoints, resolve
-    from adaptedit.targets import adaptable
 
     opts = opts or Options()
     opts.validate()
@@ -516,7 +515,7 @@ def inspect_checkpoints(base: str | None, tuned: str, *, opts: Options | None = 
     tsrc = resolve(tuned, trust_remote_code=trust_remote_code)
     compare_checkpoints(bsrc, tsrc, "inspect")
     bc, tc = bsrc.checkpoint, tsrc.checkpoint
-    targets = select(adaptable(bsrc.meta_model(), bc.keys()), opts.targets)
+    targets = select(bsrc.targets, opts.targets)
     records, points, cache_hits = [], [], 0
     task = progress.add_task("Inspecting", total=len(targets)) if progress else None
     for t in targets:

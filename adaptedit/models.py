@@ -149,6 +149,7 @@ class ModelSource:
     kind: str  # "folder" | "hub" | "gguf" | "embedded"
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict)
+    plan_source: str = ""  # how .targets was found: "header" (families) or "model" (meta model)
 
     @cached_property
     def config(self):
@@ -161,8 +162,37 @@ class ModelSource:
                                  ) from None
 
     @cached_property
+    def config_json(self) -> dict:
+        """config.json as a plain dict: what the tensor-only commands need, without transformers."""
+        path = self.path / "config.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AdapteditError(f"{path}: cannot read config ({_first_line(e)})") from None
+        if not isinstance(data, dict):
+            raise AdapteditError(f"{path}: not a JSON object; is it a model config?")
+        return data
+
+    @cached_property
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(self.path)
+
+    @cached_property
+    def targets(self) -> list:
+        """Every adaptable module (Linear/Conv1D, not the output head) with its checkpoint key.
+
+        From the checkpoint header and config.json where :mod:`adaptedit.families` knows the
+        architecture (no transformers import); otherwise from the module tree on the meta device.
+        ``plan_source`` says which ("header" or "model").
+        """
+        from adaptedit.families import header_targets
+        from adaptedit.targets import adaptable
+
+        ckpt = self.checkpoint
+        found = None if self.trust_remote_code else header_targets(
+            self.config_json, ckpt.keys(), ckpt.shape)
+        self.plan_source = "header" if found is not None else "model"
+        return found if found is not None else adaptable(self.meta_model(), ckpt.keys())
 
     def model_class(self):
         """The transformers class named in config.architectures (else AutoModelForCausalLM/AutoModel)."""
@@ -390,8 +420,8 @@ def _tied_keys(model) -> list[str]:
 def compare_checkpoints(base: ModelSource, tuned: ModelSource, command: str) -> None:
     """Refuse checkpoints of different architectures/shapes, naming the first differing tensor."""
     bc, tc = base.checkpoint, tuned.checkpoint
-    b_arch = getattr(base.config, "architectures", None)
-    t_arch = getattr(tuned.config, "architectures", None)
+    b_arch = base.config_json.get("architectures")
+    t_arch = tuned.config_json.get("architectures")
     if b_arch and t_arch and b_arch != t_arch:
         raise AdapteditError(f"--base {base.ref} is {b_arch[0]} but --tuned {tuned.ref} is "
                              f"{t_arch[0]}; {command} needs two checkpoints of one architecture")

@@ -10,7 +10,7 @@ from rich.table import Table
 from adaptedit import console
 from adaptedit.commands.common import JSON, QUIET, TARGETS, TRUST
 from adaptedit.models import resolve
-from adaptedit.targets import adaptable, select
+from adaptedit.targets import select
 
 
 def register(app: typer.Typer) -> None:
@@ -28,7 +28,7 @@ def modules(
     console.configure(quiet=quiet, json_mode=json_)
     source = resolve(model, trust_remote_code=trust_remote_code, quiet=console.quiet())
     ckpt = source.checkpoint
-    chosen = select(adaptable(source.meta_model(), ckpt.keys()), targets)
+    chosen = select(source.targets, targets)
     rows = [{"name": t.name, "kind": t.kind, "out": t.out_features, "in": t.in_features,
              "dtype": str(ckpt.dtype(t.key)).removeprefix("torch."), "key": t.key} for t in chosen]
     by_type = Counter(t.module_type for t in chosen)
