@@ -13,7 +13,7 @@ DoRA (:mod:`adaptedit.methods.dora`) is a modifier on top of any of them.
 """
 
 from adaptedit.errors import UsageError
-from adaptedit.methods import delora, lora, olora, pissa
+from adaptedit.methods import delora, dora, lora, olora, pissa
 
 METHODS = {
     "lora": lora,
@@ -35,6 +35,36 @@ PEFT_BASE_REWRITING_INITS = pissa.PEFT_INITS + olora.PEFT_INITS + ("corda", "lof
 def peft_init_rewrites_base(value) -> bool:
     """True when PEFT's ``init_lora_weights=value`` rewrites the base weight (see above)."""
     return isinstance(value, str) and value.lower().startswith(PEFT_BASE_REWRITING_INITS)
+
+
+# modifiers a method spec may add with "+NAME" (``init``'s flag of the same name)
+MODIFIERS = {"dora": dora}
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """"METHOD[+MODIFIER...]" (e.g. "pissa+dora") → (method name, {modifier: True}).
+
+    Methods are the registry's; a method module may set ``MODIFIERS = (...)`` to the modifiers it
+    accepts (default: all of :data:`MODIFIERS`)."""
+    name, *mods = [p.strip() for p in spec.strip().split("+")]
+    method = get(name)
+    allowed = getattr(method, "MODIFIERS", tuple(MODIFIERS))
+    flags = {}
+    for m in mods:
+        if m not in MODIFIERS:
+            raise UsageError(f"method {spec!r}: unknown modifier +{m}; "
+                             f"available: {', '.join('+' + k for k in MODIFIERS)}")
+        if m not in allowed:
+            raise UsageError(f"method {spec!r}: +{m} does not apply to {name}")
+        if m in flags:
+            raise UsageError(f"method {spec!r}: +{m} given twice")
+        flags[m] = True
+    return name, flags
+
+
+def spec_name(name: str, flags: dict) -> str:
+    """The inverse of :func:`parse_spec`: "pissa", {"dora": True} → "pissa+dora"."""
+    return "+".join([name] + [m for m in MODIFIERS if flags.get(m)])
 
 
 def get(name: str):

@@ -20,7 +20,7 @@ triplets only, so MiLoRA always uses the exact SVD).
 
 import torch
 
-from adaptedit.linalg import randomized_svd
+from adaptedit.linalg import extreme_svd, randomized_svd
 
 TRAINABLE = ("lora_A", "lora_B")
 # PEFT's init_lora_weights for PiSSA: "pissa" (float32 SVD) and "pissa_niter_K" (randomized SVD);
@@ -44,9 +44,7 @@ class SVDMethod:
                                       oversample=opts.get("oversample", 8),
                                       generator=opts["generator"])
         else:
-            u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-            sl = slice(-rank, None) if self.minor else slice(0, rank)
-            u, s, vh = u[..., :, sl], s[..., sl], vh[..., sl, :]
+            u, s, vh = extreme_svd(w, rank, self.minor)  # shared within linalg.shared_svd()
         root = torch.sqrt(s / scaling)  # (b, r)
         b0 = (u * root.unsqueeze(-2)).float().contiguous()
         a0 = (root.unsqueeze(-1) * vh).float().contiguous()

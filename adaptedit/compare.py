@@ -1,0 +1,396 @@
+"""Adapter methods as controlled experiments (``adaptedit compare``).
+
+A comparison is a grid of runs, method × learning rate × seed. Every run starts from the same base,
+sees the same data in the same order for a given seed (the seed fixes data order and random
+inits), the same batch, steps, schedule and evaluation points. Each run is a normal adapter folder
+``OUT/runs/<run-id>/`` made by the library path of ``adaptedit init`` (:func:`adaptedit.init.build`
++ :func:`adaptedit.adapter.save_adapter`) followed by that of ``adaptedit train``
+(:func:`adaptedit.train.prepare` + :func:`adaptedit.train.train`): the run is exactly the two
+commands recorded in its ``commands`` field — same tensors, same loss curve.
+
+Shared work: the base model is loaded once per process and the adapters are attached to it in
+turn; W₀'s exact SVD is computed once per weight batch for all SVD-initialised runs
+(:func:`adaptedit.linalg.shared_svd`); inspect's cached SVD of W₀ serves the geometry of every run;
+the base model's retain loss is computed once.
+
+Outputs (see docs/compare.md): ``compare.json`` (the settings; ``--resume`` refuses to change
+them), ``results.jsonl`` (one line per finished run, appended), ``summary.json``, ``report.md``,
+``report.html`` and the PNGs (:mod:`adaptedit.compare_report`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from adaptedit import methods
+from adaptedit.errors import AdapteditError, UsageError
+from adaptedit.init import InitOptions
+
+SCHEMA = "adaptedit.compare"
+SETTINGS, RESULTS, SUMMARY = "compare.json", "results.jsonl", "summary.json"
+RUNS = "runs"
+# InitOptions fields a --method-option may set (the rest is the experiment's: method, seed, device)
+INIT_KEYS = tuple(f.name for f in fields(InitOptions) if f.name not in ("method", "dora", "seed",
+                                                                         "device"))
+OPTION_KEYS = INIT_KEYS + ("lr",)
+
+
+@dataclass
+class CompareOptions:
+    data: str = ""
+    eval_data: str = ""
+    model: str | None = None  # None: the embedded default
+    test_data: str | None = None
+    retain_data: str | None = None
+    methods: list = field(default_factory=lambda: ["lora"])
+    rank: int = 16
+    alpha: float | None = None  # None: each method's default
+    lrs: list | None = None  # None: each method's default learning rate
+    seeds: list = field(default_factory=lambda: [0])
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    max_length: int = 1024
+    eval_every: int = 0
+    save_every: int | None = None  # None: --eval-every when set, else train's 100
+    lr_schedule: str = "cosine"
+    warmup: float = 0.0
+    targets: str = "all-linear"
+    svd: str = "full"  # exact: seed-independent and shared by every SVD-initialised run
+    budget: str = "rank"  # rank | params
+    method_options: list = field(default_factory=list)  # "METHOD:KEY=VALUE"
+    max_new_tokens: int = 16
+    test_limit: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    jobs: int = 1
+
+
+# options that define the experiment: --resume refuses to change them (jobs, device may change)
+LOCKED = tuple(f.name for f in fields(CompareOptions) if f.name not in ("jobs", "device"))
+
+
+@dataclass
+class RunSpec:
+    id: str
+    method: str  # the spec, e.g. "pissa+dora"
+    seed: int
+    lr: float
+    init: dict  # InitOptions fields
+    train: dict  # TrainConfig fields given explicitly
+
+    def commands(self, base: str, folder: Path) -> dict:
+        """The two commands this run is equal to."""
+        i = self.init
+        ini = [f"adaptedit init {base} --method {i['method']}" + (" --dora" if i["dora"] else ""),
+               f"--rank {i['rank']}", f"--seed {i['seed']}"]
+        defaults = InitOptions()
+        for k in INIT_KEYS:
+            if k != "rank" and i[k] != getattr(defaults, k) and i[k] is not None:
+                ini.append(f"--{k.replace('_', '-')}" + ("" if i[k] is True else f" {i[k]}"))
+        tr = [f"adaptedit train {folder}"] + [f"--{k.replace('_', '-')} {v}"
+                                              for k, v in self.train.items() if v is not None]
+        return {"init": " ".join(ini) + f" -o {folder}", "train": " ".join(tr)}
+
+
+# ------------------------------------------------------------------------------------ the plan
+
+
+def parse_method_options(items: list, specs: list) -> dict:
+    """["pissa:lr=2e-5,5e-5", "delora:delora_lambda=10"] → {spec: {key: value}}."""
+    out: dict = {s: {} for s in specs}
+    types = {f.name: f.type for f in fields(InitOptions)}
+    for item in items:
+        head, sep, rest = item.partition(":")
+        key, eq, value = rest.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not eq or not head.strip() or not key:
+            raise UsageError(f"--method-option {item!r}: use METHOD:KEY=VALUE, e.g. pissa:lr=2e-5")
+        head = head.strip()
+        if head not in out:
+            raise UsageError(f"--method-option {item!r}: {head} is not in --methods "
+                             f"({', '.join(specs)}); add it there or drop the option")
+        if key not in OPTION_KEYS:
+            raise UsageError(f"--method-option {item!r}: unknown key {key!r}; known: "
+                             f"{', '.join(OPTION_KEYS)}")
+        try:
+            if key == "lr":
+                out[head][key] = parse_floats(value, "--method-option lr")
+            elif "bool" in types[key]:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[head][key] = value.lower() in ("true", "1")
+            elif "int" in types[key]:
+                out[head][key] = int(value)
+            elif "float" in types[key]:
+                out[head][key] = float(value)
+            else:
+                out[head][key] = value
+        except ValueError:
+            raise UsageError(f"--method-option {item!r}: {value!r} is not a valid {key}") from None
+    return out
+
+
+def parse_floats(text: str, name: str) -> list:
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise UsageError(f"{name}: empty list; give at least one value, e.g. {name} 1e-4,3e-4")
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"{name} {text!r}: not a comma list of numbers") from None
+    if any(not (math.isfinite(v) and v > 0) for v in vals):
+        raise UsageError(f"{name} {text!r}: every value must be a positive number")
+    if len(set(vals)) != len(vals):
+        raise UsageError(f"{name} {text!r}: a value appears twice")
+    return vals
+
+
+def validate(opts: CompareOptions) -> None:
+    """Checks that need no model (one-line errors, before anything is read or written)."""
+    if not opts.data or not opts.eval_data:
+        raise UsageError("--data and --eval-data are required (the best learning rate is chosen "
+                         "on --eval-data)")
+    for name in ("data", "eval_data", "test_data", "retain_data"):
+        p = getattr(opts, name)
+        if p is not None and not Path(p).is_file():
+            raise AdapteditError(f"--{name.replace('_', '-')} {p}: no such file")
+    if not opts.methods:
+        raise UsageError("--methods: empty list; e.g. --methods lora,pissa")
+    specs = [methods.spec_name(*methods.parse_spec(s)) for s in opts.methods]
+    if len(set(specs)) != len(specs):
+        raise UsageError(f"--methods {','.join(opts.methods)}: a method appears twice")
+    if not opts.seeds or len(set(opts.seeds)) != len(opts.seeds):
+        raise UsageError("--seeds: give distinct seeds, e.g. --seeds 1,2,3")
+    if opts.lrs is not None and not opts.lrs:
+        raise UsageError("--lr: empty list; give at least one value, e.g. --lr 1e-4,3e-4")
+    if opts.budget not in ("rank", "params"):
+        raise UsageError(f"--budget {opts.budget!r}: use rank or params")
+    if opts.rank < 1:
+        raise UsageError(f"--rank {opts.rank}: must be a positive integer")
+    if opts.jobs < 1:
+        raise UsageError("--jobs must be ≥ 1")
+    if opts.jobs > 1 and (not torch.cuda.is_available() or torch.cuda.device_count() < opts.jobs):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise UsageError(f"--jobs {opts.jobs}: one run per GPU, and {n} GPU(s) are visible; "
+                         "use --jobs 1 on CPU")
+    if opts.max_new_tokens < 1 or (opts.test_limit is not None and opts.test_limit < 1):
+        raise UsageError("--max-new-tokens and --test-limit must be ≥ 1")
+    parse_method_options(opts.method_options, specs)
+
+
+def plan(opts: CompareOptions, source) -> tuple[list, dict]:
+    """All runs, validated against the model (ranks, targets) and train's option checks.
+
+    Returns (runs, per-method info {spec: {rank, params, lrs}})."""
+    from adaptedit import init as I
+    from adaptedit import train as T
+
+    validate(opts)
+    specs = [methods.spec_name(*methods.parse_spec(s)) for s in opts.methods]
+    mopts = parse_method_options(opts.method_options, specs)
+    base_train = dict(data=opts.data, eval_data=opts.eval_data, steps=opts.steps,
+                      epochs=opts.epochs, batch_size=opts.batch_size, max_length=opts.max_length,
+                      lr_schedule=opts.lr_schedule, warmup=opts.warmup, eval_every=opts.eval_every,
+                      save_every=opts.save_every if opts.save_every is not None
+                      else (opts.eval_every or None), device=opts.device, dtype=opts.dtype)
+    T.make_config({**base_train, "lr": 1.0, "seed": 0})  # train's own checks, before any run
+    info, runs, target = {}, [], None
+    for spec in specs:
+        name, flags = methods.parse_spec(spec)
+        extra = {k: v for k, v in mopts[spec].items() if k != "lr"}
+        init_kw = {**{k: getattr(InitOptions(), k) for k in INIT_KEYS}, "alpha": opts.alpha,
+                   "targets": opts.targets, "svd": opts.svd, "rank": opts.rank, **extra,
+                   "method": name, "dora": flags.get("dora", False), "device": opts.device}
+        probe = InitOptions(**{**init_kw, "seed": 0})
+        targets, _ = I.plan(source, probe)  # unknown targets, rank > min(out, in): refused here
+        params = trainable_count(targets, probe)
+        if opts.budget == "params" and "rank" not in extra:
+            if target is None:
+                target = params
+            else:
+                init_kw["rank"], params = match_params(targets, probe, target)
+                I.plan(source, InitOptions(**{**init_kw, "seed": 0}))
+        elif target is None:
+            target = params
+        lrs = mopts[spec].get("lr") or opts.lrs or [T.method_lr(name)]
+        info[spec] = {"rank": init_kw["rank"], "params": params, "lrs": lrs}
+        for lr in lrs:
+            for seed in opts.seeds:
+                run_id = f"{spec}_lr{lr:g}_seed{seed}"
+                train_kw = {k: v for k, v in {**base_train, "lr": lr, "seed": seed}.items()
+                            if v is not None and k not in ("device",)}
+                runs.append(RunSpec(run_id, spec, seed, lr, {**init_kw, "seed": seed}, train_kw))
+    return runs, info
+
+
+def trainable_count(targets, opts: InitOptions) -> int:
+    """Trainable parameters of ``opts``'s adapter on ``targets``, from each shape's θ₀ (computed
+    by the method's own init on a zero matrix, so any method of the registry is counted)."""
+    from adaptedit.init import scaling_for
+    from adaptedit.methods import dora
+
+    method = methods.get(opts.method)
+    shapes: dict = {}
+    for t in targets:
+        shapes[(t.out_features, t.in_features)] = shapes.get((t.out_features, t.in_features), 0) + 1
+    total = 0
+    for (o, i), n in shapes.items():
+        rank = min(opts.rank, o, i)
+        alpha = opts.alpha if opts.alpha is not None else method.default_alpha(rank)
+        w = torch.zeros(1, o, i)
+        theta = method.init(w, rank, scaling_for(alpha, rank, opts.rslora),
+                            {"generator": torch.Generator().manual_seed(0), "svd": "full",
+                             "niter": 0, "oversample": 0, "delora_lambda": opts.delora_lambda})
+        if opts.dora:
+            theta.update(dora.init(w))
+        names = tuple(method.TRAINABLE) + (dora.TRAINABLE if opts.dora else ())
+        total += n * sum(theta[k][0].numel() for k in names)
+    return total
+
+
+def match_params(targets, opts: InitOptions, goal: int) -> tuple[int, int]:
+    """The rank whose trainable count is closest to ``goal`` (ties: the smaller rank)."""
+    from dataclasses import replace
+
+    top = min(min(t.out_features, t.in_features) for t in targets)
+    count = {}
+
+    def c(r):
+        if r not in count:
+            count[r] = trainable_count(targets, replace(opts, rank=r))
+        return count[r]
+
+    lo, hi = 1, top
+    while lo < hi:  # smallest r with c(r) ≥ goal (counts grow with r)
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if c(mid) < goal else (lo, mid)
+    best = min((r for r in (lo - 1, lo) if r >= 1), key=lambda r: (abs(c(r) - goal), r))
+    return best, c(best)
+
+
+def settings_record(opts: CompareOptions, info: dict, runs: list) -> dict:
+    from adaptedit.data import sha256_file
+
+    s = asdict(opts)
+    for k in ("data", "eval_data", "test_data", "retain_data"):
+        if s[k]:
+            s[k] = str(Path(s[k]).expanduser().absolute())
+    hashes = {k: sha256_file(Path(s[k])) for k in ("data", "eval_data", "test_data", "retain_data")
+              if s[k]}
+    return {"schema": SCHEMA, "settings": s, "sha256": hashes, "methods": info,
+            "runs": [r.id for r in runs]}
+
+
+def check_resume(folder: Path, record: dict) -> None:
+    """Refuse a --resume whose settings differ from the recorded ones, naming the setting."""
+    path = folder / SETTINGS
+    if not path.exists():
+        raise AdapteditError(f"{folder}: --resume found no {SETTINGS}; not a compare folder "
+                             "(or it never started)")
+    old = json.loads(path.read_text())
+    for k in LOCKED:
+        if old["settings"].get(k) != record["settings"].get(k):
+            raise UsageError(f"--resume: this command changes --{k.replace('_', '-')} to "
+                             f"{record['settings'].get(k)!r} (the comparison has "
+                             f"{old['settings'].get(k)!r}); drop it, or start a new comparison "
+                             "with -o NEW_DIR")
+    for k, h in record["sha256"].items():
+        if old["sha256"].get(k) != h:
+            raise UsageError(f"--resume: the file of --{k.replace('_', '-')} changed since the "
+                             "comparison started (sha256 differs); restore it or use -o NEW_DIR")
+
+
+def read_results(folder: Path) -> list:
+    """The finished runs of results.jsonl; a line cut by a kill is dropped (the file rewritten)."""
+    path = folder / RESULTS
+    if not path.exists():
+        return []
+    good, lines = [], path.read_text().splitlines()
+    for line in lines:
+        try:
+            good.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if len(good) != len([ln for ln in lines if ln.strip()]):
+        path.write_text("".join(json.dumps(r) + "\n" for r in good))
+    return good
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+@dataclass
+class CompareResults:
+    """What a comparison returns: the runs (results.jsonl records), the summary and the files."""
+
+    folder: Path
+    runs: list
+    summary: dict
+    files: dict
+
+    def table(self) -> list:
+        return self.summary["table"]
+
+
+def compare(opts: CompareOptions, *, out: Path, resume: bool = False, progress=None,
+            trust_remote_code: bool = False) -> CompareResults:
+    """Run (or resume) the comparison into ``out`` and write every output. ``progress(event,
+    info)`` is told "plan", "run_start", "step", "run_end" and "report"."""
+    from adaptedit import compare_report, compare_stats
+    from adaptedit.compare_run import Runner
+    from adaptedit.models import resolve
+
+    tell = progress or (lambda event, info: None)
+    out = Path(out)
+    source = resolve(opts.model, trust_remote_code=trust_remote_code)
+    runs, info = plan(opts, source)
+    record = settings_record(opts, info, runs)
+    if resume:
+        check_resume(out, record)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AdapteditError(f"-o {out}: already exists; pass --resume to continue that "
+                             "comparison, or choose a new folder")
+    try:
+        (out / RUNS).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AdapteditError(f"-o {out}: cannot create ({e.strerror or e})") from None
+    if not resume:
+        (out / SETTINGS).write_text(json.dumps(record, indent=2) + "\n")
+    done = {r["run"]: r for r in read_results(out)}
+    todo = [r for r in runs if r.id not in done]
+    tell("plan", {"runs": runs, "done": len(done), "todo": len(todo), "methods": info})
+    if todo:
+        runner = Runner(opts, source, out, tell)
+        runner.run_all(todo, done)
+    results = [done[r.id] for r in runs if r.id in done]
+    summary = compare_stats.summarize(results, [methods.spec_name(*methods.parse_spec(s))
+                                                for s in opts.methods], info, opts)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    files = compare_report.write_all(out, results, summary)
+    tell("report", {"files": files})
+    return CompareResults(out, results, summary, files)
+
+
+def append_result(out: Path, rec: dict) -> None:
+    with open(out / RESULTS, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def clear_run(folder: Path) -> None:
+    """A run folder without a checkpoint (killed during init or before its first save): redone."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def now() -> float:
+    return time.perf_counter()
