@@ -112,7 +112,8 @@ class Runner:
 
     def run(self, spec) -> dict:
         from adaptedit import train as T
-        from adaptedit.adapter import load_adapter, save_adapter
+        from adaptedit.adapter import save_adapter
+        from adaptedit.formats import load_adapter
         from adaptedit.init import InitOptions, build, parameter_counts
         from adaptedit.layer import attach, detach
 

@@ -275,7 +275,6 @@ def test_loss_at_fractions():
 
 
 def test_budget_params_matches_the_count(tiny_llama):
-    from adaptedit.adapter import save_adapter  # noqa: F401
     from adaptedit.init import InitOptions, build, parameter_counts, plan
     from adaptedit.models import resolve
 
