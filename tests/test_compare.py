@@ -170,7 +170,7 @@ def test_identical_settings_identical_curves(done, tiny_llama, data, tmp_path):
 def test_resume_after_sigkill_equals_uninterrupted(done, tiny_llama, data, tmp_path):
     out, _, _ = done
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # same threads as this process: same sums
     proc = subprocess.Popen([sys.executable, "-m", "adaptedit", "compare",
                              *args(tiny_llama, data, killed), "-q"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -194,7 +194,8 @@ def test_resume_after_sigkill_equals_uninterrupted(done, tiny_llama, data, tmp_p
         assert x["test"]["loss"] == y["test"]["loss"]
         ta = load_file(str(Path(x["path"]) / "adapter.safetensors"))
         tb = load_file(str(Path(y["path"]) / "adapter.safetensors"))
-        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (x["run"], k, (ta[k] - tb[k]).abs().max())
     # a changed setting is refused, naming it
     code, _, err = run_cli(["compare", *args(tiny_llama, data, killed, "--resume"),
                             "--steps", "7"])
