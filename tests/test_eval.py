@@ -129,6 +129,12 @@ def test_cli_json_answers_retain_and_errors(trained, tmp_path):
     assert [g["answer"] for g in r["generations"]] == ["4", "-1,000"]
     assert [g["prompt"] for g in r["generations"]] == ["Q: 2+2?", "Q: x?"]
     assert r["rows"] == 2 and r["retain_loss"] > 0
+    code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--max-new-tokens", "3",
+                              "--quiet"])  # a #### reference: the strict score is shown
+    assert code == 0 and "exact match (strict ####)" in out
+    code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(d / "train.jsonl"), "--limit",
+                              "2", "--max-new-tokens", "2", "--quiet"])  # none: not shown
+    assert code == 0 and "exact match" in out and "strict" not in out
     code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--no-generate", "--quiet"])
     assert code == 0 and "loss" in out and "exact match" not in out
     bad = tmp_path / "bad.jsonl"

@@ -71,8 +71,9 @@ def eval_(
     if result["exact_match"] is not None:
         n = result["n_scored"]
         rows["exact match"] = f"{round(result['exact_match'] * n)}/{n} = {result['exact_match']:.1%}"
-        rows["exact match (strict ####)"] = (f"{round(result['exact_match_strict'] * n)}/{n} = "
-                                             f"{result['exact_match_strict']:.1%}")
+        if any("####" in g["reference"] for g in result["generations"]):  # GSM8K-style data
+            rows["exact match (strict ####)"] = (f"{round(result['exact_match_strict'] * n)}/{n} = "
+                                                 f"{result['exact_match_strict']:.1%}")
     elif generate:
         rows["exact match"] = "n/a (no row has a reference answer)"
     for k, v in rows.items():
