@@ -18,7 +18,6 @@ Tensor names per module (all float32):
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

@@ -13,12 +13,15 @@ the rules every command's output goes through.
   creates; nothing is ever made wider.
 - :func:`open_append` / :func:`refuse_symlink`: nothing is written through a symbolic link inside
   an adapter folder.
+- :func:`folder_lock`: one writer per adapter folder (an flock'ed pid file, stale ones taken over).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
@@ -263,3 +266,75 @@ def replace_file(folder: Path, name: str, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ------------------------------------------------------------------------------ one writer per folder
+
+LOCK_NAME = ".adaptedit.lock"
+
+
+def _pid_in(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str, *, held: bool = True):
+    """Hold ``folder``'s writer lock (``.adaptedit.lock``: an flock'ed file holding the pid) for
+    the ``with`` block; removed on exit. A second holder is refused naming the first's pid; a lock
+    file left by a dead process (its flock died with it) is taken over. ``held=False``: no-op (the
+    non-main processes of a data-parallel run)."""
+    if not held:
+        yield None
+        return
+    path = Path(folder) / LOCK_NAME
+    refuse_symlink(path)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            raise AdapteditError(f"{path}: cannot create the lock file ({e.strerror or e}); "
+                                 "is the folder read-only?") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _pid_in(fd)
+            os.close(fd)
+            raise AdapteditError(f"{folder}: another adaptedit {what} (pid "
+                                 f"{pid if pid is not None else 'unknown'}) is writing this folder;"
+                                 " wait for it to finish or stop it") from None
+        except OSError:  # no flock on this file system: the pid decides
+            pid = _pid_in(fd)
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                os.close(fd)
+                raise AdapteditError(f"{folder}: another adaptedit {what} (pid {pid}) is writing "
+                                     "this folder; wait for it to finish or stop it") from None
+        try:  # the previous holder may have removed the file between our open and our lock
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    stale = _pid_in(fd)  # a dead process's pid when it did not get to remove its lock
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield stale
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # before the flock goes: a waiter then opens a fresh file
+        os.close(fd)

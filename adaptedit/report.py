@@ -14,6 +14,7 @@ import html as _html
 import io
 from pathlib import Path
 
+from adaptedit.atomic import write_atomic_file
 from adaptedit.errors import AdapteditError
 
 HEATMAPS = (("rel", "‖ΔW‖_F / ‖W₀‖_F"), ("e_top", "E_top (energy in W₀'s top-k subspace)"),
@@ -146,9 +147,25 @@ def figures(report: dict) -> dict:
     return figs
 
 
-def write_plots(report: dict, folder: Path) -> list[Path]:
+PLOT_NAMES = (*(f"heatmap_{m}.png" for m, _ in HEATMAPS), "md_scatter.png", "spectrum.png")
+
+
+def check_plot_dir(folder: Path, force: bool) -> None:
+    """Refuse a --plot folder that is a file, or holds plots of an earlier run without --force."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise AdapteditError(f"--plot {folder}: is a file; give a folder")
+    there = [n for n in PLOT_NAMES if (folder / n).exists() or (folder / n).is_symlink()]
+    if there and not force:
+        raise AdapteditError(f"--plot {folder}: {there[0]} already exists; pass --force to replace "
+                             "the plots, or choose another folder")
+
+
+def write_plots(report: dict, folder: Path, *, force: bool = False) -> list[Path]:
+    """Write the PNGs into ``folder``; an existing plot is replaced only with ``force``."""
     plt = require_matplotlib()
     folder = Path(folder)
+    check_plot_dir(folder, force)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -156,8 +173,11 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     written = []
     for name, fig in figures(report).items():
         path = folder / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            write_atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"),
+                              force=force, option="--plot")
+        finally:
+            plt.close(fig)
         written.append(path)
     return written
 
@@ -228,10 +248,8 @@ def render_html(report: dict) -> str:
     return "\n".join(parts)
 
 
-def write_html(report: dict, path: Path) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_html(report), encoding="utf-8")
-    except OSError as e:
-        raise AdapteditError(f"--html {path}: cannot write ({e.strerror})") from None
+def write_html(report: dict, path: Path, *, force: bool = False) -> None:
+    """Write the page to ``path``; an existing file is replaced only with ``force``."""
+    page = render_html(report)
+    write_atomic_file(Path(path), lambda tmp: tmp.write_text(page, encoding="utf-8"),
+                      force=force, option="--html")

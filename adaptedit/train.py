@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from adaptedit import __version__, checks, data as D
 from adaptedit.adapter import CONFIG_NAME, TENSORS_NAME, Adapter, save_adapter, write_adapter_files
-from adaptedit.atomic import check_output, write_atomic_dir
+from adaptedit.atomic import (check_output, file_mode, folder_lock, open_append, refuse_symlink,
+                              replace_file, write_atomic_dir)
 from adaptedit.binding import base_for, check_base
 from adaptedit.formats import load_adapter
 from adaptedit.errors import AdapteditError, UsageError
@@ -311,26 +312,14 @@ def checkpoint_dirs(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _replace_file(folder: Path, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def update_adapter_folder(adapter: Adapter, folder: Path) -> None:
     """Replace adapter.safetensors, then adaptedit.json, each by an atomic rename."""
     tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=folder))
     try:
         write_adapter_files(adapter, tmp)
         for name in (TENSORS_NAME, CONFIG_NAME):
-            os.chmod(tmp / name, 0o644)
-            os.replace(tmp / name, folder / name)
+            os.chmod(tmp / name, file_mode())
+            os.replace(tmp / name, folder / name)  # a link there is replaced, not followed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -436,6 +425,15 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
     adapter_dir = Path(adapter_dir)
     folder = Path(out) if out else adapter_dir
     state, state_tensors, start = {}, {}, 0
+    copy_made = False  # -o NEW written by an earlier attempt that stopped before a checkpoint
+    if resume and not checkpoint_dirs(folder) and (folder / CONFIG_NAME).exists():
+        # the run stopped before its first checkpoint: there is nothing to continue, so it
+        # starts at step 0 (θ is still θ₀: the folder changes only with a checkpoint)
+        if not cfg.data:
+            raise UsageError(f"{folder}: --resume found no checkpoint (the run stopped before its "
+                             "first one), so it starts at step 0: give --data and the run's "
+                             "options again")
+        resume, copy_made = False, out is not None
     if resume:
         ckpts = checkpoint_dirs(folder)
         if not ckpts:
@@ -462,11 +460,11 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
         state_tensors = load_file(str(last / STATE_TENSORS))
         start = int(state["step"])
     else:
-        adapter = load_adapter(adapter_dir)
+        adapter = load_adapter(folder if copy_made else adapter_dir)
         if out is not None:
             check_output(out, inputs=_inputs_of(adapter, adapter_dir, cfg), force=True,
                          option="-o")
-        if out is not None and Path(out).exists():
+        if out is not None and Path(out).exists() and not copy_made:
             raise AdapteditError(f"-o {out}: already exists; pass --resume to continue its run, or "
                                  "choose a new folder")
         if checkpoint_dirs(folder):
@@ -499,7 +497,7 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
     lr = cfg.lr if cfg.lr is not None else method_lr(adapter.config.method)
     if start >= total:
         raise AdapteditError(f"{folder}: the run already finished ({start}/{total} steps)")
-    if not resume and out is not None:
+    if not resume and out is not None and not copy_made:
         if dist.main:
             save_adapter(adapter, Path(out), force=False)
     return Run(folder, cfg, adapter, train_data, eval_data, total, warm, lr, device, dtype,
@@ -548,7 +546,28 @@ class _StopFlag:
 
 
 def train(run: Run, reporter=None, *, model=None) -> dict:
-    """The training loop. Returns the summary; raises AdapteditError on a non-finite loss."""
+    """The training loop. Returns the summary; raises AdapteditError on a non-finite loss.
+
+    One writer per adapter folder: the main process holds the folder's lock for the whole run
+    (a second run is refused naming this one's pid; a lock left by a dead process is taken over).
+    """
+    refuse_symlink(run.folder / CHECKPOINTS)
+    refuse_symlink(run.folder / METRICS)
+    with folder_lock(run.folder, "train", held=Dist().main):
+        _unchanged_since_prepare(run)
+        return _train(run, reporter, model=model)
+
+
+def _unchanged_since_prepare(run: Run) -> None:
+    """Refuse when another run saved checkpoints between :func:`prepare` and the lock."""
+    ckpts = checkpoint_dirs(run.folder)
+    last = int(ckpts[-1].name[5:]) if ckpts else 0
+    if last != run.start_step:
+        raise AdapteditError(f"{run.folder}: another run saved checkpoint step {last} after this one "
+                             "started; nothing was changed: rerun (--resume continues from it)")
+
+
+def _train(run: Run, reporter=None, *, model=None) -> dict:
     cfg, dist = run.cfg, Dist()
     dist.start(run.device)
     rep = reporter or _Silent()
@@ -753,20 +772,22 @@ def _pad_id(run: Run) -> int:
 def _log(path: Path, dist: Dist, rec: dict) -> None:
     if not dist.main:
         return
-    with open(path, "a") as f:
+    with open_append(path) as f:  # never through a symbolic link
         f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                             for k, v in rec.items()}) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines written after the checkpoint (they will be written again)."""
+    refuse_symlink(path)
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
     if step == 0:
         keep = []
-    path.write_text("".join(line + "\n" for line in keep))
+    replace_file(path.parent, path.name,
+                 lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
 
 
 def _provenance(run: Run, step: int, loss, history: dict) -> dict:

@@ -221,3 +221,277 @@ def test_check_output_unit(tmp_path):
     with pytest.raises(AdapteditError, match="already exists; pass --force"):
         check_output(tmp_path / "a", inputs=[tmp_path / "c"])
     check_output(tmp_path / "a", inputs=[tmp_path / "ab"], force=True)  # a prefix is not a parent
+
+
+# ------------------------------------------------------------- 3. inspect --html / --plot files
+
+
+def test_inspect_html_and_plot_never_overwrite_without_force(adapter, tmp_path):
+    pytest.importorskip("matplotlib")
+    victim = tmp_path / "notes.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "spectrum.png").write_bytes(b"an earlier plot")
+    before = snapshot(adapter, victim, tmp_path / "plots")
+    code, _, err = run_cli(["inspect", str(adapter), "--html", str(victim), "-q"])
+    assert code == 1
+    assert one_line(err) == f"error: {victim}: already exists; pass --force to replace it"
+    code, _, err = run_cli(["inspect", str(adapter), "--plot", str(tmp_path / "plots"), "-q"])
+    assert code == 1
+    assert one_line(err) == (f"error: --plot {tmp_path / 'plots'}: spectrum.png already exists; "
+                             "pass --force to replace the plots, or choose another folder")
+    # an input is never an output, even with --force
+    code, _, err = run_cli(["inspect", str(adapter), "--html", str(adapter / "adaptedit.json"),
+                            "--force", "-q"])
+    assert code == 1 and "lies inside the input" in one_line(err)
+    assert snapshot(adapter, victim, tmp_path / "plots") == before
+    assert leftovers(tmp_path) == [] and leftovers(tmp_path / "plots") == []
+    # --force replaces them
+    code, _, err = run_cli(["inspect", str(adapter), "--html", str(victim), "--plot",
+                            str(tmp_path / "plots"), "--force", "-q"])
+    assert code == 0, err
+    assert victim.read_text().startswith("<!DOCTYPE html>") or "<html" in victim.read_text()
+    assert (tmp_path / "plots" / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
+    assert snapshot(adapter) == {k: v for k, v in before.items() if k.startswith(str(adapter))}
+
+
+# ------------------------------------------------- 4. the final rename never replaces anything
+
+
+def test_two_writers_of_one_folder_exactly_one_wins(tmp_path):
+    """Two writers race to the same output (a barrier holds both until each has written its
+    temporary folder): exactly one is published, the other fails and leaves no trace."""
+    from adaptedit.atomic import write_atomic_dir
+
+    out = tmp_path / "out"
+    barrier = threading.Barrier(2)
+    results = {}
+
+    def writer(tag):
+        def write(tmp):
+            (tmp / "who").write_text(tag)
+            barrier.wait(timeout=30)
+        try:
+            write_atomic_dir(out, write, force=False)
+            results[tag] = "ok"
+        except AdapteditError as e:
+            results[tag] = str(e)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [t for t, r in results.items() if r == "ok"]
+    assert len(winners) == 1, results
+    loser = ({"a", "b"} - set(winners)).pop()
+    assert results[loser] == (f"{out}: was created by another process while this one was "
+                              "writing; left it as it is and wrote nothing (pass --force to "
+                              "replace it, or choose another output path)")
+    assert (out / "who").read_text() == winners[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_merge_keeps_a_folder_created_while_it_runs(tiny_llama, adapter, tmp_path, monkeypatch):
+    from adaptedit import merge as M
+
+    out = tmp_path / "m"
+    real = M._write_side_files
+
+    def meanwhile(*a, **k):  # another process creates OUT while the merge writes
+        real(*a, **k)
+        out.mkdir()
+        (out / "theirs.txt").write_text("someone else's work\n")
+
+    monkeypatch.setattr(M, "_write_side_files", meanwhile)
+    code, _, err = run_cli(["merge", str(adapter), "-o", str(out), "--no-verify"])
+    assert code == 1
+    assert one_line(err) == (f"error: {out}: was created by another process while this one was "
+                             "writing; left it as it is and wrote nothing (pass --force to replace "
+                             "it, or choose another output path)")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_force_swaps_the_folder_atomically(tmp_path):
+    from adaptedit.atomic import write_atomic_dir
+
+    out = tmp_path / "out"
+    write_atomic_dir(out, lambda t: (t / "v").write_text("1"), force=False)
+    write_atomic_dir(out, lambda t: (t / "v").write_text("2"), force=True)
+    assert (out / "v").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --------------------------------------------------------------------- 5. one writer per folder
+
+
+_HOLD = """
+import sys, time
+from adaptedit.atomic import folder_lock
+with folder_lock(sys.argv[1], "train"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_second_writer_is_refused_naming_the_first_then_a_stale_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from adaptedit.atomic import LOCK_NAME, folder_lock
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(AdapteditError) as e:
+            with folder_lock(tmp_path, "train"):
+                pass
+        assert str(e.value) == (f"{tmp_path}: another adaptedit train (pid {p.pid}) is writing "
+                                "this folder; wait for it to finish or stop it")
+    finally:
+        p.kill()
+        p.wait()
+    # SIGKILL: the lock file stays with a dead pid, its flock died with the process
+    assert (tmp_path / LOCK_NAME).read_text().strip() == str(p.pid)
+    with folder_lock(tmp_path, "train") as stale:
+        assert stale == p.pid
+        assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_train_is_refused_while_another_run_holds_the_folder(adapter, tmp_path):
+    from adaptedit.atomic import folder_lock
+
+    data = chat_file(tmp_path / "data.jsonl")
+    before = snapshot(adapter)
+    with folder_lock(adapter, "train"):
+        code, _, err = run_cli(["train", str(adapter), "--data", str(data), "--steps", "1",
+                                "--device", "cpu", "-q"])
+        assert code == 1
+        assert one_line(err) == (f"error: {adapter}: another adaptedit train (pid {os.getpid()}) "
+                                 "is writing this folder; wait for it to finish or stop it")
+        assert {k: v for k, v in snapshot(adapter).items() if ".adaptedit.lock" not in k} == before
+    assert snapshot(adapter) == before
+
+
+# -------------------------------------------------------------------------- 6. never a pickle
+
+
+def test_pickle_next_to_safetensors_is_never_loaded(base, adapter, tmp_path):
+    """transformers would unpickle pytorch_model.bin (here: not even a pickle) if it looked at it;
+    merge's verification loads the base and the merged folder, and must read safetensors only."""
+    (base / "pytorch_model.bin").write_bytes(b"\x80\x04 not a pickle: loading this fails")
+    code, out, err = run_cli(["merge", str(adapter), "-o", str(tmp_path / "m"), "--json"])
+    assert code == 0, err
+    assert json.loads(out)["verified"] is True
+    from adaptedit.models import resolve
+
+    model = resolve(str(base)).load()
+    ref = load_file(str(base / "model.safetensors"))
+    k = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(model.state_dict()[k], ref[k])
+
+
+def test_folder_whose_weights_transformers_would_not_load_is_refused(base, tmp_path):
+    (base / "model.safetensors").rename(base / "weights.safetensors")
+    (base / "pytorch_model.bin").write_bytes(b"\x80\x04 not a pickle")
+    before = snapshot(base)
+    code, _, err = run_cli(["init", str(base), "-o", str(tmp_path / "ad"), "-r", "2"])
+    assert code == 1
+    assert one_line(err) == (f"error: {base}: the weights are in weights.safetensors, a name "
+                             "transformers does not load; rename it to model.safetensors (or "
+                             "shards with model.safetensors.index.json)")
+    (base / "weights.safetensors").unlink()
+    code, _, err = run_cli(["init", str(base), "-o", str(tmp_path / "ad"), "-r", "2"])
+    assert code == 1
+    assert "only pickle weights (pytorch_model.bin)" in one_line(err)
+    assert "never unpickles" in err
+    assert not (tmp_path / "ad").exists() and leftovers(tmp_path) == []
+    assert snapshot(base) == {k: v for k, v in before.items() if "weights.safetensors" not in k}
+
+
+# ---------------------------------------------------------------------------------- 7. umask
+
+
+def test_outputs_honour_the_umask(base, adapter, tmp_path):
+    import stat
+
+    os.chmod(base / "model.safetensors", 0o600)
+    data = chat_file(tmp_path / "data.jsonl")
+    old = os.umask(0o077)
+    try:
+        runs = [["merge", str(adapter), "-o", str(tmp_path / "m"), "-q"],
+                ["export", str(adapter), "-o", str(tmp_path / "p"), "-q"],
+                ["init", str(base), "-o", str(tmp_path / "i"), "-r", "2", "-q"],
+                ["train", str(adapter), "-o", str(tmp_path / "t"), "--data", str(data),
+                 "--steps", "1", "--batch-size", "2", "--device", "cpu", "-q"]]
+        for args in runs:
+            code, _, err = run_cli(args)
+            assert code == 0, (args, err)
+    finally:
+        os.umask(old)
+    for name in ("m", "p", "i", "t"):
+        for p in [tmp_path / name, *(tmp_path / name).rglob("*")]:
+            want = 0o700 if p.is_dir() else 0o600
+            assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+
+
+# ------------------------------------------------------------- 8. no writing through a link
+
+
+def test_train_never_writes_through_a_symlink_in_the_adapter_folder(adapter, tmp_path):
+    data = chat_file(tmp_path / "data.jsonl")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (adapter / "metrics.jsonl").symlink_to(victim)
+    before = snapshot(adapter, victim, data)
+    code, _, err = run_cli(["train", str(adapter), "--data", str(data), "--steps", "1",
+                            "--batch-size", "2", "--device", "cpu", "-q"])
+    assert code == 1
+    assert one_line(err) == (f"error: {adapter / 'metrics.jsonl'}: is a symbolic link; adaptedit "
+                             "never writes through links inside an adapter folder; remove it")
+    assert snapshot(adapter, victim, data) == before
+
+
+def test_open_append_refuses_a_link(tmp_path):
+    from adaptedit.atomic import open_append
+
+    (tmp_path / "t").write_text("x\n")
+    (tmp_path / "l").symlink_to(tmp_path / "t")
+    with pytest.raises(AdapteditError, match="is a symbolic link"):
+        open_append(tmp_path / "l")
+    assert (tmp_path / "t").read_text() == "x\n"
+
+
+# ------------------------------------------------ 9. train -o stopped before its first checkpoint
+
+
+def test_resume_of_a_copy_without_checkpoint_starts_at_step_0(adapter, tmp_path, monkeypatch):
+    from adaptedit import train as T
+
+    data = chat_file(tmp_path / "data.jsonl")
+    out = tmp_path / "copy"
+    args = ["train", str(adapter), "-o", str(out), "--data", str(data), "--steps", "2",
+            "--batch-size", "2", "--device", "cpu", "-q"]
+
+    def crash(*a, **k):  # the run dies after the copy is written, before any checkpoint
+        raise MemoryError("simulated")
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "_train", crash)
+        code, _, err = run_cli(args)
+        assert code == 1 and "MemoryError" in err
+    assert (out / "adaptedit.json").exists() and not (out / "checkpoints").exists()
+    code, _, err = run_cli(args)
+    assert code == 1 and "already exists; pass --resume" in one_line(err)
+    code, out_json, err = run_cli([*args, "--resume", "--json"])
+    assert code == 0, err
+    summary = json.loads(out_json)
+    assert summary["steps"] == 2 and summary["header"]["start_step"] == 0
+    # the same run as a clean one into a fresh folder
+    code, clean, err = run_cli([*args[:3], str(tmp_path / "clean"), *args[4:], "--json"])
+    assert code == 0, err
+    assert json.loads(clean)["final_loss"] == summary["final_loss"]
+    assert not (out / ".adaptedit.lock").exists()

@@ -157,6 +157,7 @@ def inspect(
     top: int = typer.Option(None, "--top", help="Show only the first N modules (by --sort, else by ‖ΔW‖)."),
     plot: Path = typer.Option(None, "--plot", help="Write PNG plots to this folder (needs matplotlib)."),
     html: Path = typer.Option(None, "--html", help="Write one self-contained HTML report."),
+    force: bool = typer.Option(False, "--force", help="Replace existing --html / --plot files."),
     json_: bool = JSON,
     quiet: bool = QUIET,
     trust_remote_code: bool = TRUST,
@@ -180,6 +181,7 @@ def inspect(
         from adaptedit.report import require_matplotlib
 
         require_matplotlib()
+    _check_outputs(plot, html, [*adapters, base, tuned], force)
     opts = I.Options(targets=targets, k=k, intruder_k=intruder_k, intruder_eps=intruder_eps,
                      svd=svd, seed=seed, cache=not no_cache)
     with console.progress(transient=True) as bar:
@@ -190,14 +192,16 @@ def inspect(
             report = I.inspect_adapters(adapters, base=base, opts=opts, trajectory=trajectory,
                                         progress=bar, trust_remote_code=trust_remote_code)
     written = []
+    _check_outputs(plot, html, [*adapters, base, tuned, (report.get("base") or {}).get("path")],
+                   force)
     if plot is not None:
         from adaptedit.report import write_plots
 
-        written += [str(p) for p in write_plots(report, plot)]
+        written += [str(p) for p in write_plots(report, plot, force=force)]
     if html is not None:
         from adaptedit.report import write_html
 
-        write_html(report, html)
+        write_html(report, html, force=force)
         written.append(str(html))
     if json_:
         report["written"] = written
@@ -220,6 +224,20 @@ def inspect(
     for p in written:
         console.note(f"wrote {p}")
     console.show(f"[bold]verdict:[/] {report['verdict']}")
+
+
+def _check_outputs(plot, html, inputs, force: bool) -> None:
+    """--plot/--html: never an input (or inside or around one), never an existing file without
+    --force; checked before the work and again once the base is known."""
+    from adaptedit.atomic import check_output
+
+    if html is not None:
+        check_output(html, force, inputs=inputs, option="--html")
+    if plot is not None:
+        from adaptedit.report import check_plot_dir
+
+        check_output(plot, True, inputs=inputs, option="--plot")
+        check_plot_dir(plot, force)
 
 
 def _method_line(report: dict, rows: list[dict]) -> str:
