@@ -11,8 +11,9 @@ Tensor names per module (all float32):
     magnitude, magnitude0 (out)                   DoRA
     delora_lambda, delora_lambda0 (1), delora_wnorm (in)   DeLoRA
 
-ΔW for a module is always Σ coef · B @ A over :func:`terms` (plus DoRA's magnitude, see
-:func:`delta_w`); everything downstream (merge, export, inspect) goes through these two functions.
+ΔW and W' of a module come from the method's functions (:mod:`adaptedit.methods.base`) through
+:meth:`Adapter.delta_w`, :meth:`Adapter.merged` and :meth:`Adapter.factors`; everything downstream
+(merge, export, inspect) goes through these.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from adaptedit import __version__, checks, methods
 from adaptedit.errors import AdapteditError
 from adaptedit.atomic import write_atomic_dir
-from adaptedit.methods import dora
+from adaptedit.errors import AdapteditError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adaptedit.json"
@@ -87,49 +88,41 @@ class Adapter:
 
     @property
     def method(self):
-        return methods.get(self.config.method)
+        """The registry entry (with DoRA on top when the adapter has it)."""
+        return methods.resolve(self.config.method, self.config.dora)
 
     @property
     def names(self) -> list[str]:
         return list(self.config.modules)
 
-    def terms(self, name: str, t: dict | None = None) -> list:
-        """ΔW of ``name`` as [(coef, B, A), ...]; ``t`` overrides the stored tensors (training)."""
-        info = self.config.modules[name]
-        return self.method.terms(t if t is not None else self.tensors[name], info.scaling, info.rank)
+    def terms(self, name: str, t: dict | None = None) -> list | None:
+        """ΔW of ``name`` as [(coef, B, A), ...] (None when not a sum of low-rank terms);
+        ``t`` overrides the stored tensors (training)."""
+        return self.method.terms(t if t is not None else self.tensors[name],
+                                 self.config.modules[name])
 
     def trainable_names(self) -> tuple:
-        return tuple(self.method.TRAINABLE) + (dora.TRAINABLE if self.config.dora else ())
+        return self.method.TRAINABLE
 
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """ΔW (without DoRA's magnitude) as P @ Q, P: out × k, Q: k × in, float32."""
-        ts = self.terms(name)
-        p = torch.cat([c * b.float() for c, b, _ in ts], dim=1)
-        q = torch.cat([a.float() for _, _, a in ts], dim=0)
-        return p, q
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """ΔW as P @ Q, P: out × k, Q: k × in, float32; None when ΔW has no known low-rank form."""
+        return self.method.factors(self.tensors[name], self.config.modules[name])
 
     def delta_w(self, name: str, w: torch.Tensor | None = None) -> torch.Tensor:
-        """ΔW = W' − W for one module, float32, (out × in). DoRA needs the base ``w`` (out × in)."""
-        d = lowrank_delta(self.terms(name))
-        if self.config.dora:
-            if w is None:
-                raise ValueError("DoRA's ΔW needs the base weight")
-            w = w.float()
-            d = dora.merged(w, d, self.tensors[name]["magnitude"].float()) - w
-        return d
+        """ΔW = W' − W for one module, float32, (out × in). Methods that are not a sum of low-rank
+        terms (DoRA, the orthogonal family) need the base ``w`` (out × in)."""
+        return self.method.delta(w, self.tensors[name], self.config.modules[name])
+
+    def merged(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """W' of one module in float32 from the base ``w`` (out × in)."""
+        return self.method.merged(w, self.tensors[name], self.config.modules[name])
+
+    def is_identity(self, name: str) -> bool:
+        """True when the module's θ still equals θ₀ (F(W, θ₀) = W by construction, so ΔW = 0)."""
+        return self.method.is_identity(self.tensors[name])
 
     def save(self, folder: Path, *, force: bool = True) -> None:
         save_adapter(self, folder, force=force)
-
-
-def lowrank_delta(terms: list) -> torch.Tensor:
-    """Σ coef · B @ A in float32. Each product is computed on its own, so that B = B₀, A = A₀ gives
-    exactly zero (the products are bit-identical and their difference is 0)."""
-    out = None
-    for coef, b, a in terms:
-        prod = (b.float() @ a.float()).mul_(coef)  # in place: same bits as (B @ A) * coef
-        out = prod if out is None else out + prod
-    return out
 
 
 def flat_tensors(adapter: Adapter) -> dict:
@@ -199,6 +192,10 @@ def read_adapter(folder: Path) -> Adapter:
         if missing:
             raise AdapteditError(f"{tpath}: module {name} lacks {', '.join(sorted(missing))}")
     checks.adapter_tensors(adapter)
+    for name, info in config.modules.items():
+        problem = adapter.method.validate(tensors[name], info)
+        if problem:
+            raise AdapteditError(f"{tpath}: {name} {problem}")
     return adapter
 
 

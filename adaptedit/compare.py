@@ -236,9 +236,8 @@ def trainable_count(targets, opts: InitOptions) -> int:
     """Trainable parameters of ``opts``'s adapter on ``targets``, from each shape's θ₀ (computed
     by the method's own init on a zero matrix, so any method of the registry is counted)."""
     from adaptedit.init import scaling_for
-    from adaptedit.methods import dora
 
-    method = methods.get(opts.method)
+    method = methods.resolve(opts.method, opts.dora)
     shapes: dict = {}
     for t in targets:
         shapes[(t.out_features, t.in_features)] = shapes.get((t.out_features, t.in_features), 0) + 1
@@ -247,13 +246,11 @@ def trainable_count(targets, opts: InitOptions) -> int:
         rank = min(opts.rank, o, i)
         alpha = opts.alpha if opts.alpha is not None else method.default_alpha(rank)
         w = torch.zeros(1, o, i)
-        theta = method.init(w, rank, scaling_for(alpha, rank, opts.rslora),
-                            {"generator": torch.Generator().manual_seed(0), "svd": "full",
-                             "niter": 0, "oversample": 0, "delora_lambda": opts.delora_lambda})
-        if opts.dora:
-            theta.update(dora.init(w))
-        names = tuple(method.TRAINABLE) + (dora.TRAINABLE if opts.dora else ())
-        total += n * sum(theta[k][0].numel() for k in names)
+        theta = method.init(w, {"rank": rank, "scaling": scaling_for(alpha, rank, opts.rslora),
+                                "generator": torch.Generator().manual_seed(0), "svd": "full",
+                                "niter": 0, "oversample": 0,
+                                "delora_lambda": opts.delora_lambda})
+        total += n * sum(theta[k][0].numel() for k in method.TRAINABLE)
     return total
 
 

@@ -16,7 +16,6 @@ from adaptedit import checks, methods
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import fingerprint
-from adaptedit.methods import dora
 from adaptedit.models import ModelSource
 from adaptedit.targets import (Target, parse_pattern, pattern_unmatched, pattern_value,
                                select, to_w)
@@ -82,7 +81,7 @@ def scaling_for(alpha: float, rank: int, rslora: bool) -> float:
 
 def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
     """Compute θ₀ for every target and return the (untrained) adapter."""
-    method = methods.get(opts.method)
+    method = methods.resolve(opts.method, opts.dora)  # refuses DoRA where it is not defined
     if opts.svd not in ("auto", "full", "randomized"):
         raise UsageError(f"--svd {opts.svd!r}: use full, randomized (or auto)")
     if opts.niter < 0 or opts.oversample < 0:
@@ -120,13 +119,12 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
                 ws.append(w)
             w = torch.stack(ws).to(device)
             scaling = scaling_for(alpha, rank, opts.rslora)
-            init_opts = {"generator": gen, "svd": svd_kind, "niter": opts.niter,
-                         "oversample": opts.oversample, "delora_lambda": opts.delora_lambda}
-            out = method.init(w, rank, scaling, init_opts)
+            init_opts = {"rank": rank, "scaling": scaling, "generator": gen, "svd": svd_kind,
+                         "niter": opts.niter, "oversample": opts.oversample,
+                         "delora_lambda": opts.delora_lambda}
+            out = method.init(w, init_opts)
             s_found = out.pop("_s", None)
-            if opts.dora:
-                out.update(dora.init(w))
-            if svd_kind == "randomized" and opts.method == "pissa" and i < ENERGY_SAMPLE:
+            if svd_kind == "randomized" and s_found is not None and i < ENERGY_SAMPLE:
                 exact = torch.linalg.svdvals(w[0])[:rank]  # the price of speed, on a sample
                 energies.append(float((s_found[0] ** 2).sum() / (exact.double() ** 2).sum()))
             for j, t in enumerate(chunk):
@@ -145,7 +143,8 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
         rank_pattern=parse_pattern(opts.rank_pattern),
         init={"svd": svd_kind, "niter": opts.niter, "oversample": opts.oversample,
               "seed": opts.seed, "device": str(device),
-              **({"delora_lambda": opts.delora_lambda} if opts.method == "delora" else {}),
+              **({"delora_lambda": opts.delora_lambda} if "delora_lambda" in method.OPTIONS
+                 else {}),
               **({"captured_energy_sample": energies,
                   "captured_energy_min": min(energies)} if energies else {})},
     )
@@ -153,10 +152,11 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
 
 
 def _svd_kind(opts: InitOptions, targets: list[Target]) -> str:
-    if opts.method not in ("pissa", "milora"):
+    need = methods.get(opts.method).SVD  # None: no SVD; "full": exact only; "any"
+    if need is None:
         return "none"
-    if opts.method == "milora":
-        return "full"  # the bottom triplets need the exact SVD
+    if need == "full":
+        return "full"
     if opts.svd == "auto":
         return "randomized" if max(min(t.shape) for t in targets) >= 512 else "full"
     return opts.svd

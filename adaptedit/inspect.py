@@ -3,7 +3,8 @@
 Three sources of ΔW = W₁ − W₀, one analysis (:func:`analyze_module`, on :mod:`adaptedit.geometry`):
 
 - an adapter (native or PEFT) on its base: ΔW = P @ Q from ``Adapter.factors`` (never formed
-  densely; its SVD comes from the factors), or the dense ΔW for DoRA, whose update is not low-rank;
+  densely; its SVD comes from the factors), or the dense ΔW = W' − W for methods without a known
+  low-rank form (DoRA, the orthogonal family);
 - two checkpoints (``--base``, ``--tuned``): ΔW dense, streamed one tensor pair at a time;
 - the checkpoints an adapter saved during training (``--trajectory``), or several adapters: the
   cheap metrics (‖ΔW‖, ΔM, ΔD) at every point, the full analysis of the first adapter.
@@ -227,38 +228,13 @@ def _empty() -> dict:
 
 def zero_update(adapter, name: str) -> bool:
     """True when θ = θ₀ for every trainable tensor: ΔW = F(W, θ₀) − W = 0 exactly by construction
-    (for plain LoRA, B = 0 is enough)."""
-    t = adapter.tensors[name]
-    for key in adapter.trainable_names():
-        if f"{key}0" in t:
-            if not torch.equal(t[key], t[f"{key}0"]):
-                return False
-        elif key == "lora_B":
-            if torch.count_nonzero(t[key]):
-                return False
-        elif key == "lora_A" and "lora_B0" not in t:
-            continue  # plain LoRA: with B = 0, A does not matter
-        else:
-            return False  # e.g. an imported DoRA magnitude with no θ₀ to compare to
-    return True
+    (the method decides: for plain LoRA, B = 0 is enough)."""
+    return adapter.is_identity(name)
 
 
-def method_extras(adapter, name: str, fro: float) -> dict:
-    """DeLoRA's bound and how close ‖ΔW‖_F is to it; DoRA's magnitude change."""
-    cfg, t, out = adapter.config, adapter.tensors[name], {}
-    if cfg.method == "delora":
-        from adaptedit.methods.delora import bound
-
-        b = bound(t)
-        out["delora_bound"] = b
-        out["delora_fraction"] = fro / b if b > 0 else None
-    if cfg.dora and "magnitude" in t:
-        m = t["magnitude"].double()
-        m0 = t["magnitude0"].double() if "magnitude0" in t else None
-        if m0 is not None:
-            out["dora_magnitude_mean_abs"] = float((m - m0).abs().mean())
-            out["dora_magnitude_rel"] = float((m - m0).norm() / m0.norm()) if m0.norm() > 0 else None
-    return out
+def method_extras(adapter, name: str, w: torch.Tensor, fro: float) -> dict:
+    """What inspect reports only for this method (DeLoRA's bound, DoRA's magnitude change, ...)."""
+    return adapter.method.extras(adapter.tensors[name], adapter.config.modules[name], w, fro)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,10 +356,10 @@ def _adapter_delta(adapter, name: str, w: torch.Tensor) -> dict:
     """The keyword arguments of :func:`analyze_module` for one adapter module (or None: ΔW = 0)."""
     if zero_update(adapter, name):
         return None
-    if adapter.config.dora:
-        return {"dense": adapter.delta_w(name, w)}  # DoRA: not low-rank
-    p, q = adapter.factors(name)
-    return {"p": p.double(), "q": q.double()}
+    pq = adapter.factors(name)
+    if pq is None:
+        return {"dense": adapter.delta_w(name, w)}  # no known low-rank form (DoRA, rotations)
+    return {"p": pq[0].double(), "q": pq[1].double()}
 
 
 def _cheap_point(w: torch.Tensor, delta: dict | None) -> dict:
@@ -472,7 +448,7 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
                                  eps=opts.intruder_eps, **delta)
         rec = {**_module_header(t), "k": k, "zero": delta is None, **rec,
                "spectrum_base": [float(x) for x in svd0["s"][:SPECTRUM_MAX]],
-               "base_svd": svd0["kind"], "method": method_extras(main, t.name, rec["fro"])}
+               "base_svd": svd0["kind"], "method": method_extras(main, t.name, w, rec["fro"])}
         if svd0["accuracy"]:
             rec["base_svd_accuracy"] = svd0["accuracy"]
         records.append(rec)

@@ -1,10 +1,11 @@
 """The adapted layer: a frozen base module plus an adapter's θ (trainable) and θ₀ (buffers).
 
-    y = base(x) + Σ coef · B (A x)                                 (low-rank family)
-    y = y₀ + (g − 1) ⊙ (y₀ − b) + g ⊙ ΔW x,  g = m / ‖W + ΔW‖_row  (with DoRA; see methods/dora.py)
+The output is the method's :meth:`~adaptedit.methods.base.Method.forward`; for the low-rank family
 
-Works for ``nn.Linear`` and GPT-2's ``Conv1D`` (the base module is called as is; only DoRA reads
-its weight, through :func:`adaptedit.targets.to_w`). The base module is never modified.
+    y = base(x) + Σ coef · B (A x)          added in float32, rounded once to the output dtype
+
+Works for ``nn.Linear`` and GPT-2's ``Conv1D`` (the base module is called as is; methods that need
+its weight read it through :meth:`AdaptedLayer.weight`). The base module is never modified.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaptedit.adapter import Adapter, lowrank_delta
+from adaptedit.adapter import Adapter
 from adaptedit.errors import AdapteditError
-from adaptedit.methods import dora
 from adaptedit.targets import layer_kind, to_w
 
 
@@ -24,7 +24,8 @@ class AdaptedLayer(nn.Module):
         self.base = base
         self.name = name
         self.kind = layer_kind(base)
-        self._adapter = adapter  # for the method's terms(); not a submodule
+        self.method = adapter.method
+        self.info = adapter.config.modules[name]
         trainable = set(adapter.trainable_names())
         self.params = nn.ParameterDict()
         for key, value in adapter.tensors[name].items():
@@ -33,7 +34,6 @@ class AdaptedLayer(nn.Module):
                 self.params[key] = nn.Parameter(value)
             else:
                 self.register_buffer(f"frozen_{key}", value, persistent=False)
-        self.dora = adapter.config.dora
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def tensors(self) -> dict:
@@ -43,29 +43,15 @@ class AdaptedLayer(nn.Module):
                   if n.startswith("frozen_")})
         return t
 
-    def terms(self) -> list:
-        return self._adapter.terms(self.name, self.tensors())
+    def weight(self) -> torch.Tensor:
+        """The base weight as (out × in), in its own dtype (a view for Conv1D)."""
+        return to_w(self.base.weight, self.kind)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)
-        ts = self.terms()
-        dtype = ts[0][1].dtype
-        xd = self.dropout(x).to(dtype)
-        delta = None
-        for i, (coef, b, a) in enumerate(ts):
-            h = (xd if i == 0 else x.to(dtype)) @ a.transpose(-1, -2)  # (…, k); dropout on θ only
-            part = (h @ b.transpose(-1, -2)) * coef  # (…, out)
-            delta = part if delta is None else delta + part
-        if not self.dora:
-            return y + delta.to(y.dtype)
-        w = to_w(self.base.weight, self.kind).to(dtype)
-        with torch.no_grad():
-            norm = dora.row_norm(w + lowrank_delta(ts))
-        g = self.params["magnitude"] / norm  # norm detached (DoRA §4.3)
-        bias = getattr(self.base, "bias", None)
-        y0 = y.to(dtype)
-        yw = y0 - bias.to(dtype) if bias is not None else y0
-        return (y0 + (g - 1) * yw + g * delta).to(y.dtype)
+    def terms(self) -> list | None:
+        return self.method.terms(self.tensors(), self.info)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.forward(self, x)
 
 
 def attach(model: nn.Module, adapter: Adapter, *, dropout: float = 0.0) -> nn.Module:

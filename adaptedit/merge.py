@@ -1,6 +1,6 @@
 """Fold one or more adapters into the base weights and write a deployable checkpoint.
 
-    W' = W + ΔW           ΔW = adapter.delta_w(name, W), float32, cast once to the output dtype
+    W' = F(W, θ)          the method's dense W' (adapter.merged), float32, cast once to the output dtype
 
 Streaming: the base is read tensor by tensor (``safe_open``, pread backend when available), the
 output is planned from the headers alone (``huggingface_hub.split_torch_state_dict_into_shards`` on
@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 
 from adaptedit import checks
-from adaptedit.adapter import Adapter, lowrank_delta
+from adaptedit.adapter import Adapter
 from adaptedit.atomic import check_output, write_atomic_dir
 from adaptedit.binding import base_for, check_weight, recorded_targets
 from adaptedit.combine import COMBINE, combine
 from adaptedit.errors import AdapteditError, UsageError
-from adaptedit.methods import dora
 from adaptedit.models import ST_DTYPES, TOKENIZER_FILES, ModelSource, model_inputs
 from adaptedit.targets import from_w, to_w
 
@@ -198,43 +197,27 @@ def _read(handles, ckpt, key: str) -> torch.Tensor:
                              "the file may be truncated: fetch the base again") from None
 
 
-def _zero_update(adapter: Adapter, name: str) -> bool:
-    """True when the module's θ still equals θ₀ (F(W, θ₀) = W by construction, so ΔW = 0)."""
-    t = adapter.tensors[name]
-    for k in adapter.trainable_names():
-        if f"{k}0" in t:
-            if not torch.equal(t[k], t[f"{k}0"]):
-                return False
-        elif k == "lora_B":  # plain LoRA: B₀ = 0
-            if torch.count_nonzero(t[k]):
-                return False
-        elif k == "lora_A" and "lora_B0" not in t:
-            continue  # plain LoRA: with B = 0, A does not matter
-        else:
-            return False
-    return True
-
-
 def module_delta(adapter: Adapter, name: str, w: torch.Tensor) -> torch.Tensor | None:
-    """ΔW (float32, out × in) of one module given the base W (out × in); None when exactly zero."""
-    if adapter.config.dora and _zero_update(adapter, name):
-        return None  # DoRA at θ₀: m/‖W‖ may round to 1 ± ulp; the reparametrization is exact
+    """ΔW (float32, out × in) of one module given the base W (out × in); None when exactly zero.
+
+    At θ₀ the reparametrization is the identity by construction, while W' − W computed in floats
+    may not be (DoRA's m/‖W‖ rounds to 1 ± ulp): for methods without a low-rank form, "zero" there.
+    (Low-rank ΔW is exactly 0 at θ₀ as computed: the products B A and B₀ A₀ are bit-identical.)
+    """
+    if not adapter.method.has_factors and adapter.is_identity(name):
+        return None
     return adapter.delta_w(name, w)
 
 
 def module_merged(adapter: Adapter, name: str, w: torch.Tensor) -> torch.Tensor | None:
-    """W' (float32) of one module for a single adapter; None when W' = W exactly.
+    """W' (float32) of one module for a single adapter; None when W' = W exactly (see above).
 
-    LoRA: W + s·(B@A), the same operations in the same order as PEFT's merge. DoRA: m/‖V‖ ⊙ V with
-    V = W + ΔW, computed directly (not W + (W' − W), which would round twice).
+    The method's own dense W' (LoRA: W + s·(B@A), the same operations in the same order as PEFT's
+    merge; DoRA: m/‖V‖ ⊙ V with V = W + ΔW, not W + (W' − W), which would round twice).
     """
-    if adapter.config.dora:
-        if _zero_update(adapter, name):
-            return None
-        return dora.merged(w, lowrank_delta(adapter.terms(name)),
-                           adapter.tensors[name]["magnitude"].float())
-    d = adapter.delta_w(name, w)  # a fresh float32 tensor: add W into it in place (no copy)
-    return d.add_(w)  # ΔW + W = W + ΔW bit for bit (addition is commutative in IEEE)
+    if not adapter.method.has_factors and adapter.is_identity(name):
+        return None
+    return adapter.merged(name, w)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,11 +11,9 @@ PEFT's update of a module is ΔW = s · B A with s = α/r (α/√r with rsLoRA),
 ``rank_pattern``/``alpha_pattern`` (the first pattern key K with ``re.match(f"(.*\\.)?({K})$", name)``).
 For GPT-2's Conv1D, ``fan_in_fan_out`` is true but lora_A/lora_B keep the (r × in)/(out × r) layout.
 
-Export. LoRA keeps its rank, α and rsLoRA (the file trains on in PEFT as it would have). Methods whose
-update is a sum of terms (PiSSA, MiLoRA, OLoRA: s(BA − B₀A₀); DeLoRA: two normalised terms) become an
-exact LoRA of rank Σk by concatenation, A' = [A; A₀], B' = [c₁B | c₂B₀], with the coefficients folded
-into B' and α = r so that PEFT's scaling is exactly 1. DoRA keeps its magnitude vector: PEFT's DoRA is
-m ⊙ (W + s·B'A') / ‖W + s·B'A'‖_row, the same function as adaptedit's.
+Export. Each method states its PEFT mapping (``PEFT`` in its file, see
+:mod:`adaptedit.methods.base`) or why there is none; the low-rank family's is
+:mod:`adaptedit.methods.peft_lora` (LoRA as itself, the others as an exact concatenated LoRA).
 
 Import. A LoRA/DoRA folder becomes an Adapter with method "lora" (B₀ = 0), ``source="peft"`` and no
 fingerprints (PEFT records none). A folder saved with an ``init_lora_weights`` that rewrites the base
@@ -38,74 +36,14 @@ from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.atomic import check_output, write_atomic_dir
 from adaptedit.errors import AdapteditError
 from adaptedit.methods import peft_init_rewrites_base
+from adaptedit.methods.peft_lora import PREFIX, pattern_key
 
-PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 
 
-def pattern_key(patterns, name: str):
-    """PEFT's rule: the first pattern key K such that ``(.*\\.)?(K)$`` matches the module name."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
 # export
-
-
-def peft_tensors(adapter: Adapter) -> tuple[dict, dict]:
-    """{PEFT key: tensor} and {module: (rank, alpha)} for an adapter (see the module docstring)."""
-    cfg = adapter.config
-    flat, ranks = {}, {}
-    for name, info in cfg.modules.items():
-        t = adapter.tensors[name]
-        if cfg.method == "lora":
-            a, b = t["lora_A"].float(), t["lora_B"].float()
-            ranks[name] = (info.rank, info.alpha)
-        else:
-            terms = adapter.terms(name)
-            b = torch.cat([c * bb.float() for c, bb, _ in terms], dim=1)  # (out × Σk)
-            a = torch.cat([aa.float() for _, _, aa in terms], dim=0)  # (Σk × in)
-            ranks[name] = (a.shape[0], float(a.shape[0]))  # α = r: scaling exactly 1
-        flat[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
-        flat[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
-        if cfg.dora:
-            flat[f"{PREFIX}{name}.lora_magnitude_vector"] = t["magnitude"].float().contiguous()
-    return flat, ranks
-
-
-def peft_config(adapter: Adapter, ranks: dict, base_ref: str | None = None) -> dict:
-    cfg = adapter.config
-    # the most common (rank, alpha) is the default; the others go to rank_pattern/alpha_pattern
-    counts: dict = {}
-    for ra in ranks.values():
-        counts[ra] = counts.get(ra, 0) + 1
-    r, alpha = max(counts, key=counts.get)
-    rank_pattern = {re.escape(n): int(ra[0]) for n, ra in ranks.items() if ra[0] != r}
-    alpha_pattern = {re.escape(n): float(ra[1]) for n, ra in ranks.items() if ra[1] != alpha}
-    conv1d = any(m.kind == "conv1d" for m in cfg.modules.values())
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_ref or cfg.base.get("ref"),
-        "r": int(r),
-        "lora_alpha": float(alpha),
-        "target_modules": sorted(cfg.modules),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_rslora": bool(cfg.rslora) if cfg.method == "lora" else False,
-        "use_dora": bool(cfg.dora),
-        "fan_in_fan_out": conv1d,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "inference_mode": True,
-        "revision": None,
-    }
 
 
 def peft_base_ref(adapter: Adapter, base: str | None = None) -> str | None:
@@ -121,15 +59,16 @@ def peft_base_ref(adapter: Adapter, base: str | None = None) -> str | None:
 
 def export_peft(adapter: Adapter, out: Path, *, force: bool = False,
                 base_ref: str | None = None) -> dict:
-    """Write ``adapter`` as a PEFT LoRA folder that PeftModel.from_pretrained loads on the base."""
+    """Write ``adapter`` as a PEFT folder that PeftModel.from_pretrained loads on the base, through
+    the method's PEFT mapping (refused, with the method's reason, where there is none)."""
     from safetensors.torch import save_file
 
     check_output(out, inputs=[adapter.path], force=force)
     checks.adapter_tensors(adapter)  # the checks of every command that reads an adapter
-    if adapter.config.method not in ("lora", "pissa", "milora", "olora", "delora"):
-        raise AdapteditError(f"method {adapter.config.method} has no exact PEFT LoRA form")
-    flat, ranks = peft_tensors(adapter)
-    config = peft_config(adapter, ranks, base_ref)
+    flat, fields, summary = adapter.method.peft().export(adapter)
+    config = {"peft_type": fields.pop("peft_type"), "task_type": None,
+              "base_model_name_or_path": base_ref or adapter.config.base.get("ref"),
+              **fields, "modules_to_save": None, "inference_mode": True, "revision": None}
 
     def write(tmp: Path):
         # provenance in the tensors file: an unknown key in adapter_config.json makes PEFT warn
@@ -140,10 +79,8 @@ def export_peft(adapter: Adapter, out: Path, *, force: bool = False,
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
     write_atomic_dir(Path(out), write, force=force)
-    return {"out": str(out), "modules": len(ranks), "method": adapter.config.method,
-            "dora": adapter.config.dora, "peft_r": config["r"], "lora_alpha": config["lora_alpha"],
-            "rank_pattern": len(config["rank_pattern"]),
-            "exact_rank": "r" if adapter.config.method == "lora" else "concatenated terms (2r)",
+    return {"out": str(out), "modules": len(adapter.config.modules),
+            "method": adapter.config.method, "dora": adapter.config.dora, **summary,
             "base_model_name_or_path": config["base_model_name_or_path"]}
 
 

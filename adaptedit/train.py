@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adaptedit import __version__, checks, data as D
+from adaptedit import __version__, checks, data as D, methods
 from adaptedit.adapter import CONFIG_NAME, TENSORS_NAME, Adapter, save_adapter, write_adapter_files
 from adaptedit.atomic import (check_output, file_mode, folder_lock, open_append, refuse_symlink,
                               replace_file, write_atomic_dir)
@@ -46,8 +46,6 @@ CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 METRICS = "metrics.jsonl"
-DEFAULT_LR = {"lora": 2e-4, "pissa": 2e-5, "milora": 3e-4, "olora": 2e-4, "delora": 2e-4}
-LR_SOURCE = {"pissa": "PiSSA paper", "milora": "MiLoRA paper"}
 PATHS = ("data", "eval_data", "chat_template")
 # train reads the base the adapter records (it has no --base): the fix is that base, or a new init
 TRAIN_BASE_FIX = ("train uses the base recorded in the adapter: restore that model, or run "
@@ -68,7 +66,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 1024
-    lr: float | None = None  # default: the method's (DEFAULT_LR)
+    lr: float | None = None  # default: the method's (its LR)
     lr_schedule: str = "cosine"
     warmup: float = 0.0  # steps (≥ 1) or a fraction of the steps (< 1)
     weight_decay: float = 0.0
@@ -141,7 +139,7 @@ def make_config(cli: dict, config_file: Path | None = None, *,
 
 def method_lr(method: str) -> float:
     """The learning rate used when --lr is not given: the method paper's, else LoRA's 2e-4."""
-    return DEFAULT_LR.get(method, 2e-4)
+    return methods.get(method).LR
 
 
 def _same_file(a: str | None, b: str | None) -> bool:
@@ -413,7 +411,7 @@ class Run:
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
         }
         if c.lr is None:
-            h["lr_default"] = f"method default ({LR_SOURCE.get(a.method, 'adaptedit')})"
+            h["lr_default"] = f"method default ({methods.get(a.method).LR_SOURCE or 'adaptedit'})"
         return h
 
 

@@ -1,26 +1,22 @@
-"""Adapter methods. Each is a reparametrization W' = F(W, θ) with F(W, θ₀) = W.
+"""Adapter methods. Each is a reparametrization W' = F(W, θ) with F(W, θ₀) = W bit-exactly.
 
-Every method module defines, as pure tensor functions:
-
-- ``init(w, rank, scaling, opts) -> dict``: θ₀ for a batch of weights ``w`` (b × out × in, float32),
-  each entry batched along dim 0;
-- ``terms(t, scaling, rank) -> [(coef, B, A), ...]``: the update as a sum of low-rank products,
-  ΔW = Σ coef · B @ A (B: out × k, A: k × in), from one module's tensors ``t`` (θ and θ₀);
-- ``TRAINABLE``: the names in ``t`` that training updates (the rest is frozen θ₀);
-- ``default_alpha(rank)`` and ``PAPER``.
-
-DoRA (:mod:`adaptedit.methods.dora`) is a modifier on top of any of them.
+A method is one file here that states its equation and paper in its docstring and provides pure
+tensor functions (the interface, with its defaults: :mod:`adaptedit.methods.base`); the registry
+below names it. DoRA (:mod:`adaptedit.methods.dora`) is a modifier on top of any of them:
+:func:`resolve` returns the method with or without it. Nothing outside this package compares method
+names: layer, merge, inspect, export and train call the entry's functions.
 """
 
 from adaptedit.errors import UsageError
 from adaptedit.methods import delora, dora, lora, olora, pissa
+from adaptedit.methods.base import DoRA, Method
 
 METHODS = {
-    "lora": lora,
-    "pissa": pissa.PISSA,
-    "milora": pissa.MILORA,
-    "olora": olora,
-    "delora": delora,
+    "lora": Method("lora", lora),
+    "pissa": Method("pissa", pissa.PISSA),
+    "milora": Method("milora", pissa.MILORA),
+    "olora": Method("olora", olora),
+    "delora": Method("delora", delora),
 }
 
 
@@ -67,8 +63,21 @@ def spec_name(name: str, flags: dict) -> str:
     return "+".join([name] + [m for m in MODIFIERS if flags.get(m)])
 
 
-def get(name: str):
+def get(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
         raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+_DORA: dict = {}
+
+
+def resolve(name: str, dora: bool = False) -> Method:
+    """The registry entry ``name``, with DoRA's magnitude on top when ``dora``."""
+    method = get(name)
+    if not dora:
+        return method
+    if name not in _DORA:
+        _DORA[name] = DoRA(method)
+    return _DORA[name]

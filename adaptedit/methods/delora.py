@@ -16,6 +16,7 @@ import torch
 
 PAPER = "Bini et al., DeLoRA, ICLR 2025 (arXiv:2503.18225)"
 TRAINABLE = ("lora_A", "lora_B", "delora_lambda")
+OPTIONS = {"delora_lambda": 15.0}  # the initial strength λ (--delora-lambda)
 EPS = 1e-4  # clamp on ‖aᵢ‖, ‖bᵢ‖ (as PEFT)
 
 
@@ -23,8 +24,9 @@ def default_alpha(rank: int) -> float:
     return float(rank)  # unused: the strength is λ
 
 
-def init(w: torch.Tensor, rank: int, scaling: float, opts: dict) -> dict:
+def init(w: torch.Tensor, opts: dict) -> dict:
     b, out_f, in_f = w.shape
+    rank = opts["rank"]
     g = opts["generator"]
     bound_a, bound_b = 1.0 / math.sqrt(in_f), 1.0 / math.sqrt(rank)
     a = torch.rand(b, rank, in_f, generator=g) * (2 * bound_a) - bound_a
@@ -52,3 +54,9 @@ def bound(t: dict) -> float:
     """The paper's bound on ‖ΔW‖_F for these tensors: (λ + λ₀) · max_j ‖W[:, j]‖."""
     return float((t["delora_lambda"].abs() + t["delora_lambda0"].abs()).sum()
                  * t["delora_wnorm"].max())
+
+
+def extras(t: dict, info, w, fro: float) -> dict:
+    """The paper's bound and how close ‖ΔW‖_F is to it."""
+    b = bound(t)
+    return {"delora_bound": b, "delora_fraction": fro / b if b > 0 else None}

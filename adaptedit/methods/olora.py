@@ -18,7 +18,8 @@ def default_alpha(rank: int) -> float:
     return float(rank)
 
 
-def init(w: torch.Tensor, rank: int, scaling: float, opts: dict) -> dict:
+def init(w: torch.Tensor, opts: dict) -> dict:
+    rank = opts["rank"]
     q, r = torch.linalg.qr(w.double())  # float64: cheap here and removes all doubt
     b0, a0 = q[..., :, :rank].float().contiguous(), r[..., :rank, :].float().contiguous()
     return {"lora_A": a0.clone(), "lora_B": b0.clone(), "lora_A0": a0, "lora_B0": b0}

@@ -31,13 +31,17 @@ PEFT_INITS = ("pissa",)
 class SVDMethod:
     TRAINABLE = TRAINABLE
 
-    def __init__(self, name: str, minor: bool, paper: str, alpha_factor: float):
+    def __init__(self, name: str, minor: bool, paper: str, alpha_factor: float, lr: float,
+                 lr_source: str):
         self.name, self.minor, self.PAPER, self._alpha = name, minor, paper, alpha_factor
+        self.LR, self.LR_SOURCE = lr, lr_source
+        self.SVD = "full" if minor else "any"  # the bottom triplets need the exact SVD
 
     def default_alpha(self, rank: int) -> float:
         return self._alpha * rank
 
-    def init(self, w: torch.Tensor, rank: int, scaling: float, opts: dict) -> dict:
+    def init(self, w: torch.Tensor, opts: dict) -> dict:
+        rank, scaling = opts["rank"], opts["scaling"]
         kind = opts.get("svd", "full")
         if kind == "randomized" and not self.minor:
             u, s, vh = randomized_svd(w, rank, niter=opts.get("niter", 4),
@@ -56,5 +60,7 @@ class SVDMethod:
         return [(scaling, t["lora_B"], t["lora_A"]), (-scaling, t["lora_B0"], t["lora_A0"])]
 
 
-PISSA = SVDMethod("pissa", False, "Meng et al., PiSSA, NeurIPS 2024 (arXiv:2404.02948)", 1.0)
-MILORA = SVDMethod("milora", True, "Wang et al., MiLoRA, NAACL 2025 (arXiv:2406.09044)", 2.0)
+PISSA = SVDMethod("pissa", False, "Meng et al., PiSSA, NeurIPS 2024 (arXiv:2404.02948)", 1.0, 2e-5,
+                  "PiSSA paper")
+MILORA = SVDMethod("milora", True, "Wang et al., MiLoRA, NAACL 2025 (arXiv:2406.09044)", 2.0, 3e-4,
+                   "MiLoRA paper")
