@@ -14,7 +14,7 @@ import torch
 from helpers import METHODS, logits, make_adapter, perturb
 
 from adaptedit import methods
-from adaptedit.adapter import load_adapter
+from adaptedit.formats import load_adapter
 from adaptedit.errors import AdapteditError
 from adaptedit.init import InitOptions, build
 from adaptedit.layer import attach
