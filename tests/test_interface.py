@@ -61,7 +61,7 @@ def test_delta_is_merged_minus_w_and_factors_agree(tiny_llama, name, dora):
 
 def test_no_method_names_compared_outside_methods():
     """layer, merge, inspect, export, train: no branch on a method's name (the registry decides)."""
-    names = "|".join(map(re.escape, [*METHODS, "dora"]))
+    names = "|".join(map(re.escape, METHODS))
     pattern = re.compile(rf"""(==|!=|\bin\b)\s*\(?[^)\n]*["']({names})["']""")
     found = []
     for path in PACKAGE.rglob("*.py"):
