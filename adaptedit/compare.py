@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from adaptedit import methods
+from adaptedit.atomic import check_output
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.init import InitOptions
 
@@ -344,13 +345,15 @@ def compare(opts: CompareOptions, *, out: Path, resume: bool = False, progress=N
     info)`` is told "plan", "run_start", "step", "run_end" and "report"."""
     from adaptedit import compare_report, compare_stats
     from adaptedit.compare_run import Runner
-    from adaptedit.models import resolve
+    from adaptedit.models import model_inputs, resolve
 
     tell = progress or (lambda event, info: None)
     out = Path(out)
     source = resolve(opts.model, trust_remote_code=trust_remote_code)
     runs, info = plan(opts, source)
     record = settings_record(opts, info, runs)
+    check_output(out, True, inputs=[opts.data, opts.eval_data, opts.test_data, opts.retain_data,
+                                    *model_inputs(source)])  # never an input, even on --resume
     if resume:
         check_resume(out, record)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -495,3 +495,37 @@ def test_resume_of_a_copy_without_checkpoint_starts_at_step_0(adapter, tmp_path,
     assert code == 0, err
     assert json.loads(clean)["final_loss"] == summary["final_loss"]
     assert not (out / ".adaptedit.lock").exists()
+
+
+def test_compare_onto_its_data_or_base_is_refused(base, tmp_path):
+    data = chat_file(tmp_path / "data.jsonl")
+    common = [str(base), "--data", str(data), "--eval-data", str(data), "--methods", "lora",
+              "--lr", "1e-3", "--steps", "1", "--batch-size", "2", "--rank", "2"]
+    _refused(["compare", *common, "-o", str(data)], [data, base], tmp_path, "is")
+    _refused(["compare", *common, "-o", str(base / "cmp")], [data, base], tmp_path, "lies inside")
+
+
+@pytest.mark.slow
+def test_two_concurrent_merges_to_one_path_exactly_one_wins(adapter, tmp_path):
+    """Two `adaptedit merge -o SAME` processes at once: one exits 0 and its folder is complete,
+    the other exits 1 with one line (the output existed at its start, or appeared meanwhile)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "m"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "adaptedit", "merge", str(adapter), "-o", str(out), "-q"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(c for c, _ in results)
+    assert codes == [0, 1], results
+    err = next(e for c, e in results if c == 1)
+    line = one_line(err)
+    assert line in (f"error: {out}: already exists; pass --force to replace it",
+                    f"error: {out}: was created by another process while this one was writing; "
+                    "left it as it is and wrote nothing (pass --force to replace it, or choose "
+                    "another output path)"), line
+    assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert leftovers(tmp_path) == []
