@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,7 +27,7 @@ ENERGY_SAMPLE = 1  # modules per shape whose randomized SVD is checked against a
 @dataclass
 class InitOptions:
     method: str = "lora"
-    rank: int = 16
+    rank: int | None = None  # None: the method's default (16; HRA 8; OFT: from the block size)
     alpha: float | None = None
     dora: bool = False
     rslora: bool = False
@@ -39,6 +39,7 @@ class InitOptions:
     seed: int = 0
     device: str = "auto"
     delora_lambda: float = 15.0
+    options: dict = field(default_factory=dict)  # the method's own options given (OPTIONS keys)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -51,9 +52,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str, int]]:
-    """The targets and their ranks; validates ranks against shapes (names the module)."""
-    methods.get(opts.method)  # validates the name before the model is read
+def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str, int], dict]:
+    """The targets, their ranks and the method's resolved options; validates ranks against shapes
+    (names the module)."""
+    method = methods.get(opts.method)  # validates the name before the model is read
+    for key in opts.options:
+        if key not in method.OPTIONS:
+            owners = [n for n, m in methods.METHODS.items() if key in m.OPTIONS]
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} applies to {', '.join(owners) or 'no method'}, not "
+                             f"{opts.method}; drop {flag}")
     targets = select(source.targets, opts.targets)
     pattern = parse_pattern(opts.rank_pattern)
     unmatched = pattern_unmatched([t.name for t in targets], pattern)
@@ -61,18 +69,18 @@ def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str
         types = sorted({t.module_type for t in targets})
         raise AdapteditError(f"--rank-pattern {unmatched[0]!r} matches none of the targeted modules;"
                              f" module types here: {', '.join(types)}")
+    rank_given = opts.rank is not None or bool(pattern)
+    default = opts.rank if opts.rank is not None else method.DEFAULT_RANK
     ranks = {}
     for t in targets:
-        r = pattern_value(t.name, pattern, opts.rank)
+        r = pattern_value(t.name, pattern, default)
+        if r is None:
+            continue  # the method sizes this module itself (OFT: from the block size)
         if r != int(r) or r <= 0:
             raise UsageError(f"rank {r:g} for {t.name}: the rank must be a positive integer")
-        r = int(r)
-        if r > min(t.out_features, t.in_features):
-            raise AdapteditError(f"rank {r} for {t.name} exceeds min(out, in) = "
-                                 f"{min(t.out_features, t.in_features)} of its {t.out_features}×"
-                                 f"{t.in_features} weight; lower --rank or use --rank-pattern")
-        ranks[t.name] = r
-    return targets, ranks
+        ranks[t.name] = int(r)
+    options = {**method.OPTIONS, **opts.options}
+    return (targets, *method.plan(targets, ranks, options, rank_given))
 
 
 def scaling_for(alpha: float, rank: int, rslora: bool) -> float:
@@ -92,8 +100,12 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
         raise UsageError(f"--delora-lambda {opts.delora_lambda:g}: must be a positive number")
     checks.seed(opts.seed)
     device = resolve_device(opts.device)
-    targets, ranks = plan(source, opts)
-    alpha = float(opts.alpha) if opts.alpha is not None else method.default_alpha(opts.rank)
+    if not method.SCALED and (opts.alpha is not None or opts.rslora):
+        flag = "--alpha" if opts.alpha is not None else "--rslora"
+        raise UsageError(f"{flag} does not apply to {opts.method} (no scaling α/r); drop {flag}")
+    targets, ranks, options = plan(source, opts)
+    rank = opts.rank if opts.rank is not None else min(ranks.values(), default=1)
+    alpha = float(opts.alpha) if opts.alpha is not None else method.default_alpha(rank)
     ckpt = source.checkpoint
     gen = torch.Generator().manual_seed(opts.seed)
     svd_kind = _svd_kind(opts, targets)
@@ -119,8 +131,8 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
                 ws.append(w)
             w = torch.stack(ws).to(device)
             scaling = scaling_for(alpha, rank, opts.rslora)
-            init_opts = {"rank": rank, "scaling": scaling, "generator": gen, "svd": svd_kind,
-                         "niter": opts.niter, "oversample": opts.oversample,
+            init_opts = {**options, "rank": rank, "scaling": scaling, "generator": gen,
+                         "svd": svd_kind, "niter": opts.niter, "oversample": opts.oversample,
                          "delora_lambda": opts.delora_lambda}
             out = method.init(w, init_opts)
             s_found = out.pop("_s", None)
@@ -137,14 +149,14 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
     # keep the model's module order, not the grouping order
     order = [t.name for t in targets]
     config = AdapterConfig(
-        method=opts.method, rank=opts.rank, alpha=alpha, dora=opts.dora, rslora=opts.rslora,
+        method=opts.method, rank=rank, alpha=alpha, dora=opts.dora, rslora=opts.rslora,
         base={"ref": source.ref, "path": str(source.path), "kind": source.kind},
         modules={n: infos[n] for n in order}, targets=opts.targets,
         rank_pattern=parse_pattern(opts.rank_pattern),
         init={"svd": svd_kind, "niter": opts.niter, "oversample": opts.oversample,
               "seed": opts.seed, "device": str(device),
               **({"delora_lambda": opts.delora_lambda} if "delora_lambda" in method.OPTIONS
-                 else {}),
+                 else {k: v for k, v in options.items() if v is not None}),
               **({"captured_energy_sample": energies,
                   "captured_energy_min": min(energies)} if energies else {})},
     )

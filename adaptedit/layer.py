@@ -94,6 +94,16 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     return {m.name: m for m in model.modules() if isinstance(m, AdaptedLayer)}
 
 
+def penalty(model: nn.Module) -> torch.Tensor | None:
+    """Σ of the methods' training regularisers over the adapted layers (None when none has one)."""
+    total = None
+    for layer in adapted_layers(model).values():
+        p = layer.method.penalty(layer.tensors(), layer.info)
+        if p is not None:
+            total = p if total is None else total + p
+    return total
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in adapted_layers(model).values() for p in layer.params.values()]
 

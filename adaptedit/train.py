@@ -40,7 +40,7 @@ from adaptedit.atomic import (check_output, file_mode, folder_lock, open_append,
 from adaptedit.binding import base_for, check_base
 from adaptedit.formats import load_adapter
 from adaptedit.errors import AdapteditError, UsageError
-from adaptedit.layer import adapted_layers, attach, collect
+from adaptedit.layer import adapted_layers, attach, collect, penalty
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "trainer_state.json"
@@ -679,6 +679,9 @@ def _train(run: Run, reporter=None, *, model=None) -> dict:
                     s = loss_sum(model, positions, m, run.device)
                 scaler.scale(s / counts[0].float()).backward()
                 total_loss += s.detach().double()
+            reg = penalty(model)  # a method's regulariser (HRA's λ‖I − ÛᵀÛ‖²), once per step
+            if reg is not None:
+                scaler.scale(reg / dist.world).backward()  # summed over ranks with the gradients
             loss = float(dist.sum(total_loss) / counts[0])
             if dist.world > 1:
                 _sum_grads(params, dist)

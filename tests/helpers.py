@@ -13,6 +13,8 @@ from adaptedit.methods import METHODS as REGISTRY
 
 # every method of the registry: a new method is tested by adding it there
 METHODS = list(REGISTRY)
+# the methods whose PEFT form is a LoRA (the low-rank family); the others have their own tests
+LORA_FAMILY = [m for m in METHODS if getattr(REGISTRY[m].PEFT, "peft_type", None) == "LORA"]
 IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11]])
 
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import METHODS, logits, make_adapter, run_cli
+from helpers import LORA_FAMILY, logits, make_adapter, run_cli
 from safetensors.torch import load_file, save_file
 
 from adaptedit.formats import load_adapter
@@ -23,7 +23,7 @@ def peft_logits(base, folder):
     return logits(model.eval())
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", LORA_FAMILY)
 @pytest.mark.parametrize("dora", [False, True])
 def test_export_loads_in_peft_with_same_logits(tiny_llama, tmp_path, method, dora):
     ad_dir = make_adapter(tiny_llama, tmp_path / "ad", method=method, dora=dora,

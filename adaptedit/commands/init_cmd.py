@@ -25,7 +25,7 @@ def init(
     model: str = typer.Argument(None, help="Hub id, local folder, .gguf file or smollm2-135m (default)."),
     method: str = typer.Option("lora", "--method", "-m", help=f"One of: {', '.join(METHODS)}."),
     dora: bool = typer.Option(False, "--dora", help="Add DoRA's magnitude vector on top of the method."),
-    rank: int = typer.Option(16, "--rank", "-r", help="Rank r of the update."),
+    rank: int = typer.Option(None, "--rank", "-r", help="Rank r of the update (default 16; HRA 8: reflections; OFT: blocks per module, instead of --block-size)."),
     alpha: float = typer.Option(None, "--alpha", help="α (scaling s = α/r); default from the method's paper."),
     rslora: bool = typer.Option(False, "--rslora", help="Scale by α/√r instead of α/r."),
     targets: str = TARGETS,
@@ -35,6 +35,9 @@ def init(
     oversample: int = typer.Option(8, "--oversample", help="Extra sketch columns of the randomized SVD."),
     seed: int = typer.Option(0, "--seed", help="Seed for random init and randomized SVD."),
     delora_lambda: float = typer.Option(15.0, "--delora-lambda", help="DeLoRA's initial strength λ."),
+    block_size: int = typer.Option(None, "--block-size", help="OFT: size b of each rotated block (default PEFT's 32, or the largest size dividing every targeted module)."),
+    coft_eps: float = typer.Option(None, "--coft-eps", help="OFT: constrained variant (COFT), ‖Q‖ ≤ ε/√blocks per block."),
+    hra_lambda: float = typer.Option(None, "--hra-lambda", help="HRA: weight λ of the orthogonality regulariser λ‖I − ÛᵀÛ‖² added to the training loss."),
     device: str = DEVICE,
     out: Path = typer.Option(..., "--out", "-o", help="Adapter folder to write."),
     force: bool = FORCE,
@@ -42,12 +45,14 @@ def init(
     quiet: bool = QUIET,
     trust_remote_code: bool = TRUST,
 ):
-    """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA; +DoRA) and write it to OUT."""
+    """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA, OFT, HRA; +DoRA) and write it to OUT."""
     console.configure(quiet=quiet, json_mode=json_)
     check_output(out, force, inputs=[model])
     opts = InitOptions(method=method, rank=rank, alpha=alpha, dora=dora, rslora=rslora,
                        targets=targets, rank_pattern=rank_pattern, svd=svd, niter=niter,
-                       oversample=oversample, seed=seed, device=device, delora_lambda=delora_lambda)
+                       oversample=oversample, seed=seed, device=device, delora_lambda=delora_lambda,
+                       options={k: v for k, v in (("block_size", block_size), ("coft_eps", coft_eps),
+                                                  ("hra_lambda", hra_lambda)) if v is not None})
     source = resolve(model, trust_remote_code=trust_remote_code, quiet=console.quiet())
     check_output(out, force, inputs=model_inputs(source))
     start = time.perf_counter()

@@ -250,4 +250,8 @@ def _method_line(report: dict, rows: list[dict]) -> str:
           if r["method"].get("dora_magnitude_rel") is not None]
     if dm:
         parts.append(f"DoRA: ‖m − m₀‖/‖m₀‖ = {sum(dm) / len(dm):.3g} mean, {max(dm):.3g} max")
+    rot = [r["method"] for r in rows if r["method"].get("r_minus_i") is not None]
+    if rot:
+        parts.append(f"rotation: ‖R − I‖_F = {sum(m['r_minus_i'] for m in rot) / len(rot):.3g} "
+                     f"mean, largest angle {max(m['angle_max_deg'] for m in rot):.3g}°")
     return "; ".join(parts)

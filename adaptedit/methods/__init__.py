@@ -8,7 +8,7 @@ names: layer, merge, inspect, export and train call the entry's functions.
 """
 
 from adaptedit.errors import UsageError
-from adaptedit.methods import delora, dora, lora, olora, pissa
+from adaptedit.methods import delora, dora, hra, lora, oft, olora, pissa
 from adaptedit.methods.base import DoRA, Method
 
 METHODS = {
@@ -17,6 +17,8 @@ METHODS = {
     "milora": Method("milora", pissa.MILORA),
     "olora": Method("olora", olora),
     "delora": Method("delora", delora),
+    "oft": Method("oft", oft),
+    "hra": Method("hra", hra),
 }
 
 

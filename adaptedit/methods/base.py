@@ -20,8 +20,10 @@ optional
     ``is_identity(t)`` (default: every trainable tensor equals its θ₀ copy "<name>0"),
     ``extras(t, info, w, fro) -> dict`` (what inspect reports only for this method),
     ``validate(t, info) -> str | None`` (a loaded adapter's tensors; the problem or None),
-    ``OPTIONS`` ({option: default}) and ``check_options(opts, shapes) -> opts`` (resolved,
-    recorded in adaptedit.json), ``SVD`` (None | "any" | "full": the init decomposes W),
+    ``OPTIONS`` ({option: default}) and ``plan(targets, ranks, options, rank_given) -> (ranks,
+    options)`` (resolved against the targets, recorded in adaptedit.json; default: r ≤ min(out,
+    in)), ``DEFAULT_RANK`` (16; None: the method sizes modules itself), ``SCALED`` (False: no α,
+    no rsLoRA), ``SVD`` (None | "any" | "full": the init decomposes W),
     ``LR`` (default learning rate) and ``LR_SOURCE``, ``DROPOUT`` (False: input dropout does not
     apply), ``penalty(t, info) -> scalar`` (a training regulariser),
     the PEFT mapping ``PEFT`` (a :class:`PeftMapping`, or a string saying why there is none;
@@ -68,9 +70,12 @@ class Method:
         self.TRAINABLE = tuple(impl.TRAINABLE)
         self.OPTIONS = dict(getattr(impl, "OPTIONS", {}))
         self.SVD = getattr(impl, "SVD", None)
-        self.LR = getattr(impl, "LR", DEFAULT_LR)
+        self.LR = getattr(impl, "DEFAULT_LR", getattr(impl, "LR", DEFAULT_LR))
+        self.DEFAULT_LR = self.LR  # train's --lr default
         self.LR_SOURCE = getattr(impl, "LR_SOURCE", None)
         self.DROPOUT = getattr(impl, "DROPOUT", True)
+        self.DEFAULT_RANK = getattr(impl, "DEFAULT_RANK", 16)
+        self.SCALED = getattr(impl, "SCALED", True)
         self.lowrank = hasattr(impl, "terms")
         self.PEFT = getattr(impl, "PEFT", None)
         if self.PEFT is None and self.lowrank:
@@ -88,10 +93,18 @@ class Method:
     def default_alpha(self, rank: int) -> float:
         return self.impl.default_alpha(rank)
 
-    def check_options(self, opts: dict, shapes: dict) -> dict:
-        """The method's own options resolved against the targeted shapes {module: (out, in)}."""
-        check = getattr(self.impl, "check_options", None)
-        return check(opts, shapes) if check else dict(opts)
+    def plan(self, targets: list, ranks: dict, options: dict, rank_given: bool) -> tuple:
+        """(ranks, options) resolved against the targets; the default checks r ≤ min(out, in)."""
+        own = getattr(self.impl, "plan", None)
+        if own is not None:
+            return own(targets, ranks, options, rank_given)
+        for t in targets:
+            r, m = ranks[t.name], min(t.out_features, t.in_features)
+            if r > m:
+                raise AdapteditError(f"rank {r} for {t.name} exceeds min(out, in) = {m} of its "
+                            f"{t.out_features}×{t.in_features} weight; lower --rank or use "
+                            "--rank-pattern")
+        return ranks, options
 
     def init(self, w: torch.Tensor, opts: dict) -> dict:
         return self.impl.init(w, opts)
