@@ -52,9 +52,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str, int], dict]:
-    """The targets, their ranks and the method's resolved options; validates ranks against shapes
-    (names the module)."""
+def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str, int]]:
+    """The targets and their ranks; validates ranks against shapes (names the module)."""
+    targets, ranks, _ = plan_options(source, opts)
+    return targets, ranks
+
+
+def plan_options(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict, dict]:
+    """As :func:`plan`, and the method's own options resolved against the targets."""
     method = methods.get(opts.method)  # validates the name before the model is read
     for key in opts.options:
         if key not in method.OPTIONS:
@@ -103,7 +108,7 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
     if not method.SCALED and (opts.alpha is not None or opts.rslora):
         flag = "--alpha" if opts.alpha is not None else "--rslora"
         raise UsageError(f"{flag} does not apply to {opts.method} (no scaling α/r); drop {flag}")
-    targets, ranks, options = plan(source, opts)
+    targets, ranks, options = plan_options(source, opts)
     rank = opts.rank if opts.rank is not None else min(ranks.values(), default=1)
     alpha = float(opts.alpha) if opts.alpha is not None else method.default_alpha(rank)
     ckpt = source.checkpoint
