@@ -33,7 +33,6 @@ METRICS = {
     "corr_md": (lambda r: r["geometry"].get("corr_md"), None),
     "s_per_step": (lambda r: r.get("s_per_step"), True),
     "seconds": (lambda r: r.get("seconds"), True),
-    "peak_mem_mb": (lambda r: r.get("peak_mem_mb"), True),
 }
 
 
