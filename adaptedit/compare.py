@@ -234,24 +234,32 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
 
 
 def trainable_count(targets, opts: InitOptions) -> int:
-    """Trainable parameters of ``opts``'s adapter on ``targets``, from each shape's θ₀ (computed
-    by the method's own init on a zero matrix, so any method of the registry is counted)."""
+    """Trainable parameters of ``opts``'s adapter on ``targets``, from θ₀ of one module per shape
+    and module type (computed by the method's own init on a zero matrix, with the options its
+    ``plan`` resolves, so any method of the registry is counted)."""
+    from adaptedit.errors import AdapteditError
     from adaptedit.init import scaling_for
 
     method = methods.resolve(opts.method, opts.dora)
-    shapes: dict = {}
+    capped = {t.name: min(opts.rank, t.out_features, t.in_features) for t in targets}
+    try:  # the method's own rank rule first (VeRA: one rank, not bounded by the shapes)
+        ranks, options = method.plan(targets, {t.name: opts.rank for t in targets},
+                                     dict(method.OPTIONS), True)
+    except AdapteditError:
+        ranks, options = method.plan(targets, capped, dict(method.OPTIONS), True)
+    groups: dict = {}
     for t in targets:
-        shapes[(t.out_features, t.in_features)] = shapes.get((t.out_features, t.in_features), 0) + 1
+        groups.setdefault((t.out_features, t.in_features, t.module_type), []).append(t)
     total = 0
-    for (o, i), n in shapes.items():
-        rank = min(opts.rank, o, i)
+    for (o, i, _), members in groups.items():
+        rank = ranks[members[0].name]
         alpha = opts.alpha if opts.alpha is not None else method.default_alpha(rank)
-        w = torch.zeros(1, o, i)
-        theta = method.init(w, {"rank": rank, "scaling": scaling_for(alpha, rank, opts.rslora),
-                                "generator": torch.Generator().manual_seed(0), "svd": "full",
-                                "niter": 0, "oversample": 0,
-                                "delora_lambda": opts.delora_lambda})
-        total += n * sum(theta[k][0].numel() for k in method.TRAINABLE)
+        scaling = scaling_for(alpha, rank, opts.rslora) if method.SCALED else 1.0
+        theta = method.init(torch.zeros(1, o, i), {
+            **options, "rank": rank, "scaling": scaling,
+            "generator": torch.Generator().manual_seed(0), "svd": "full", "niter": 0,
+            "oversample": 0, "delora_lambda": opts.delora_lambda, "names": [members[0].name]})
+        total += len(members) * sum(theta[k][0].numel() for k in method.TRAINABLE)
     return total
 
 

@@ -17,7 +17,7 @@ from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import fingerprint
 from adaptedit.models import ModelSource
-from adaptedit.targets import (Target, parse_pattern, pattern_unmatched, pattern_value,
+from adaptedit.targets import (ALL_LINEAR, Target, parse_pattern, pattern_unmatched, pattern_value,
                                select, to_w)
 
 BATCH_BYTES = 256 << 20  # float32 weights decomposed together at most
@@ -31,7 +31,7 @@ class InitOptions:
     alpha: float | None = None
     dora: bool = False
     rslora: bool = False
-    targets: str = "all-linear"
+    targets: str | None = None  # None: the method's default (TARGETS), else all-linear
     rank_pattern: str | None = None
     svd: str = "auto"  # auto | full | randomized
     niter: int = 4
@@ -67,7 +67,7 @@ def plan_options(source: ModelSource, opts: InitOptions) -> tuple[list[Target], 
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} applies to {', '.join(owners) or 'no method'}, not "
                              f"{opts.method}; drop {flag}")
-    targets = select(source.targets, opts.targets)
+    targets = select(source.targets, targets_spec(opts))
     pattern = parse_pattern(opts.rank_pattern)
     unmatched = pattern_unmatched([t.name for t in targets], pattern)
     if unmatched:
@@ -86,6 +86,13 @@ def plan_options(source: ModelSource, opts: InitOptions) -> tuple[list[Target], 
         ranks[t.name] = int(r)
     options = {**method.OPTIONS, **opts.options}
     return (targets, *method.plan(targets, ranks, options, rank_given))
+
+
+def targets_spec(opts: InitOptions) -> str:
+    """--targets as given, else the method's default (all-linear for most)."""
+    if opts.targets is not None:
+        return opts.targets
+    return methods.get(opts.method).TARGETS or ALL_LINEAR
 
 
 def scaling_for(alpha: float, rank: int, rslora: bool) -> float:
@@ -138,7 +145,7 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
             scaling = scaling_for(alpha, rank, opts.rslora)
             init_opts = {**options, "rank": rank, "scaling": scaling, "generator": gen,
                          "svd": svd_kind, "niter": opts.niter, "oversample": opts.oversample,
-                         "delora_lambda": opts.delora_lambda}
+                         "delora_lambda": opts.delora_lambda, "names": [t.name for t in chunk]}
             out = method.init(w, init_opts)
             s_found = out.pop("_s", None)
             if svd_kind == "randomized" and s_found is not None and i < ENERGY_SAMPLE:
@@ -156,7 +163,7 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
     config = AdapterConfig(
         method=opts.method, rank=rank, alpha=alpha, dora=opts.dora, rslora=opts.rslora,
         base={"ref": source.ref, "path": str(source.path), "kind": source.kind},
-        modules={n: infos[n] for n in order}, targets=opts.targets,
+        modules={n: infos[n] for n in order}, targets=targets_spec(opts),
         rank_pattern=parse_pattern(opts.rank_pattern),
         init={"svd": svd_kind, "niter": opts.niter, "oversample": opts.oversample,
               "seed": opts.seed, "device": str(device),

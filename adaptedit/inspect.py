@@ -258,7 +258,20 @@ def aggregate(records: list[dict]) -> dict:
         out[key] = sum(vals) / len(vals) if vals else None
     rand = [r["e_random"] for r in records if r.get("e_random") is not None]
     out["e_random"] = sum(rand) / len(rand) if rand else None
+    out["method"] = method_aggregate([r.get("method") or {} for r in records])
     return out
+
+
+def method_aggregate(extras: list[dict]) -> dict:
+    """The method's numeric per-module figures over a group: "*_min" the minimum, "*_max" the
+    maximum, the others the mean over the modules that have them."""
+    vals: dict = {}
+    for e in extras:
+        for k, v in e.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                vals.setdefault(k, []).append(float(v))
+    return {k: min(v) if k.endswith("_min") else max(v) if k.endswith("_max")
+            else sum(v) / len(v) for k, v in vals.items()}
 
 
 def group(records: list[dict], key: str) -> dict:

@@ -10,8 +10,9 @@ from rich.table import Table
 
 from adaptedit import console
 from adaptedit.adapter import save_adapter
-from adaptedit.commands.common import DEVICE, FORCE, JSON, QUIET, TARGETS, TRUST, human_count
+from adaptedit.commands.common import DEVICE, FORCE, JSON, QUIET, TRUST, human_count
 from adaptedit.atomic import check_output
+from adaptedit.errors import UsageError
 from adaptedit.init import InitOptions, build, parameter_counts
 from adaptedit.methods import METHODS
 from adaptedit.models import model_inputs, resolve
@@ -25,10 +26,10 @@ def init(
     model: str = typer.Argument(None, help="Hub id, local folder, .gguf file or smollm2-135m (default)."),
     method: str = typer.Option("lora", "--method", "-m", help=f"One of: {', '.join(METHODS)}."),
     dora: bool = typer.Option(False, "--dora", help="Add DoRA's magnitude vector on top of the method."),
-    rank: int = typer.Option(None, "--rank", "-r", help="Rank r of the update (default 16; HRA 8: reflections; OFT: blocks per module, instead of --block-size)."),
+    rank: int = typer.Option(None, "--rank", "-r", help="Rank r of the update (default 16; HRA 8: reflections; OFT: blocks per module, instead of --block-size; vera 256; refused for ia3 and road, which have none)."),
     alpha: float = typer.Option(None, "--alpha", help="α (scaling s = α/r); default from the method's paper."),
     rslora: bool = typer.Option(False, "--rslora", help="Scale by α/√r instead of α/r."),
-    targets: str = TARGETS,
+    targets: str = typer.Option(None, "--targets", "-t", help="all-linear, a comma list of name suffixes (q_proj,v_proj) or re:REGEX (default: the method's, all-linear for most; ia3: k_proj,v_proj,down_proj as PEFT)."),
     rank_pattern: str = typer.Option(None, "--rank-pattern", help="Per-module ranks, e.g. 'mlp=32,o_proj=8'."),
     svd: str = typer.Option("auto", "--svd", help="full | randomized | auto (randomized for PiSSA on large matrices)."),
     niter: int = typer.Option(4, "--niter", help="Power iterations of the randomized SVD."),
@@ -45,8 +46,11 @@ def init(
     quiet: bool = QUIET,
     trust_remote_code: bool = TRUST,
 ):
-    """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA, OFT, HRA; +DoRA) and write it to OUT."""
+    """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA, OFT, HRA, IA3, VeRA, SVFT, RoAd; +DoRA) and write it to OUT."""
     console.configure(quiet=quiet, json_mode=json_)
+    if (rank is not None or rank_pattern) and method in METHODS and not METHODS[method].RANKED:
+        flag = "--rank" if rank is not None else "--rank-pattern"
+        raise UsageError(f"{flag} does not apply to {method} (it has no rank); drop {flag}")
     check_output(out, force, inputs=[model])
     opts = InitOptions(method=method, rank=rank, alpha=alpha, dora=dora, rslora=rslora,
                        targets=targets, rank_pattern=rank_pattern, svd=svd, niter=niter,

@@ -8,7 +8,7 @@ names: layer, merge, inspect, export and train call the entry's functions.
 """
 
 from adaptedit.errors import UsageError
-from adaptedit.methods import delora, dora, hra, lora, oft, olora, pissa
+from adaptedit.methods import delora, dora, hra, ia3, lora, oft, olora, pissa, road, svft, vera
 from adaptedit.methods.base import DoRA, Method
 
 METHODS = {
@@ -19,6 +19,10 @@ METHODS = {
     "delora": Method("delora", delora),
     "oft": Method("oft", oft),
     "hra": Method("hra", hra),
+    "ia3": Method("ia3", ia3),
+    "vera": Method("vera", vera),
+    "svft": Method("svft", svft),
+    "road": Method("road", road),
 }
 
 

@@ -23,7 +23,8 @@ optional
     ``OPTIONS`` ({option: default}) and ``plan(targets, ranks, options, rank_given) -> (ranks,
     options)`` (resolved against the targets, recorded in adaptedit.json; default: r ≤ min(out,
     in)), ``DEFAULT_RANK`` (16; None: the method sizes modules itself), ``SCALED`` (False: no α,
-    no rsLoRA), ``SVD`` (None | "any" | "full": the init decomposes W),
+    no rsLoRA), ``RANKED`` (False: no rank; ``init --rank`` refused), ``TARGETS`` (the default
+    ``--targets``; all-linear when absent), ``SVD`` (None | "any" | "full": the init decomposes W),
     ``LR`` (default learning rate) and ``LR_SOURCE``, ``DROPOUT`` (False: input dropout does not
     apply), ``penalty(t, info) -> scalar`` (a training regulariser),
     the PEFT mapping ``PEFT`` (a :class:`PeftMapping`, or a string saying why there is none;
@@ -76,6 +77,8 @@ class Method:
         self.DROPOUT = getattr(impl, "DROPOUT", True)
         self.DEFAULT_RANK = getattr(impl, "DEFAULT_RANK", 16)
         self.SCALED = getattr(impl, "SCALED", True)
+        self.RANKED = getattr(impl, "RANKED", True)  # False: no rank to choose (--rank refused)
+        self.TARGETS = getattr(impl, "TARGETS", None)  # default --targets (None: all-linear)
         self.lowrank = hasattr(impl, "terms")
         self.PEFT = getattr(impl, "PEFT", None)
         if self.PEFT is None and self.lowrank:

@@ -1,0 +1,139 @@
+"""RoAd variant 1 (adaptedit.methods.road): group size from the targets, identity at init bit for
+bit (fp32, bf16, GPT-2 Conv1D), forward = merged weights, PEFT ROAD export with PEFT's logits (1e-5
+fp32, bit-identical bf16), refusals, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+from helpers import logits, run_cli
+
+from adaptedit.adapter import save_adapter
+from adaptedit.errors import AdapteditError
+from adaptedit.formats import load_adapter
+from adaptedit.init import InitOptions, build
+from adaptedit.layer import attach
+from adaptedit.merge import MergeOptions, merge
+from adaptedit.models import resolve
+from adaptedit.peft_io import export_peft
+
+
+def _trained(ad, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for t in ad.tensors.values():
+        t["road_theta"] = 0.3 * torch.randn(t["road_theta"].shape, generator=g)
+        t["road_alpha"] = torch.exp(0.2 * torch.randn(t["road_alpha"].shape, generator=g))
+    return ad
+
+
+def _reference_w(w, t):
+    """R W in float64 from the pairing rule (k with k + g/2 in each group of g)."""
+    g = int(t["road_group"])
+    out = w.double().clone()
+    th, al = t["road_theta"].double(), t["road_alpha"].double()
+    p = 0
+    for start in range(0, w.shape[0], g):
+        for k in range(g // 2):
+            i, j = start + k, start + k + g // 2
+            c, s = al[p] * math.cos(th[p]), al[p] * math.sin(th[p])
+            out[i], out[j] = c * w[i].double() - s * w[j].double(), s * w[i].double() + c * w[j].double()
+            p += 1
+    return out
+
+
+def test_group_size_and_merged_reference(tiny_llama):
+    src = resolve(str(tiny_llama))
+    ad = _trained(build(src, InitOptions(method="road", targets="all-linear")))
+    assert ad.config.init["group_size"] == 16  # gcd of 16, 32, 64 outputs, ≤ PEFT's 64
+    for name in ad.names[:3]:
+        info = ad.config.modules[name]
+        w = src.checkpoint.get(info.key).float()
+        ref = _reference_w(w, ad.tensors[name])
+        assert (ad.merged(name, w).double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identity_at_init_bit_exact(fixture, dtype, request):
+    source = resolve(str(request.getfixturevalue(fixture)))
+    model = source.load(dtype=dtype)
+    ref = logits(model)
+    attach(model, build(source, InitOptions(method="road")))
+    assert torch.equal(logits(model), ref)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_forward_equals_merged_weights(fixture, request, tmp_path):
+    folder = request.getfixturevalue(fixture)
+    src = resolve(str(folder))
+    save_adapter(_trained(build(src, InitOptions(method="road"))), tmp_path / "ad")
+    ad = load_adapter(tmp_path / "ad")
+    res = merge([ad], tmp_path / "m", opts=MergeOptions())
+    assert res.verified and res.max_abs_logit_diff <= 1e-5
+    from helpers import load_merged
+
+    ref = logits(attach(src.load(dtype=torch.float32), ad))
+    assert (logits(load_merged(tmp_path / "m")) - ref).abs().max() <= 1e-5
+
+
+def _peft_logits(base, folder, dtype):
+    from peft import PeftModel
+
+    warnings.filterwarnings("ignore")
+    return logits(PeftModel.from_pretrained(resolve(str(base)).load(dtype=dtype), folder).eval())
+
+
+def test_export_peft_road_same_logits(tiny_llama, tmp_path):
+    save_adapter(_trained(build(resolve(str(tiny_llama)), InitOptions(method="road"))),
+                 tmp_path / "ad")
+    code, _, err = run_cli(["export", str(tmp_path / "ad"), "--format", "peft",
+                            "-o", str(tmp_path / "p"), "-q"])
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "ROAD" and cfg["group_size"] == 16 and cfg["variant"] == "road_1"
+    ad = load_adapter(tmp_path / "ad")
+    ours = logits(attach(resolve(str(tiny_llama)).load(dtype=torch.float32), ad))
+    assert (_peft_logits(tiny_llama, tmp_path / "p", torch.float32) - ours).abs().max() <= 1e-5
+    ours16 = logits(attach(resolve(str(tiny_llama)).load(dtype=torch.bfloat16), ad))
+    assert torch.equal(_peft_logits(tiny_llama, tmp_path / "p", torch.bfloat16), ours16)
+
+
+def test_export_refused_for_conv1d_and_rank(tiny_gpt2, tiny_llama, tmp_path):
+    ad = _trained(build(resolve(str(tiny_gpt2)), InitOptions(method="road")))
+    with pytest.raises(AdapteditError, match="Conv1D \\(PEFT's RoAd wraps nn.Linear only\\)"):
+        export_peft(ad, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    code, _, err = run_cli(["init", str(tiny_llama), "-m", "road", "--rank", "4",
+                            "-o", str(tmp_path / "x"), "-q"])
+    assert code != 0 and "--rank does not apply to road" in err and "Traceback" not in err
+
+
+def test_train_and_resume_exact(tiny_llama, tmp_path):
+    from adaptedit import train as T
+    from test_train import chat_rows
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(16)))
+    save_adapter(build(resolve(str(tiny_llama)), InitOptions(method="road")), tmp_path / "ad")
+
+    def run(out, resume=False, **kw):
+        cfg, given = T.make_config({"data": str(data), **kw}, resume=resume)
+        return T.train(T.prepare(tmp_path / "ad", cfg, given=given, out=out, resume=resume))
+
+    s = run(tmp_path / "ref", steps=6, batch_size=4, lr=5e-2, save_every=3,
+            lr_schedule="constant")
+    assert s["final_loss"] < s["first_loss"]
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step-000003",
+                    tmp_path / "cut" / "checkpoints" / "step-000003")
+    run(tmp_path / "cut", resume=True)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "ref" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.count_nonzero(a["model.layers.0.self_attn.q_proj.road_theta"]) > 0
