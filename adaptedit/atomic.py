@@ -27,6 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from adaptedit import leftovers
 from adaptedit.errors import AdapteditError
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
@@ -95,6 +96,7 @@ def check_output(out, force: bool = False, *, inputs=(), option: str = "-o") -> 
             continue
         raise AdapteditError(f"{option} {out}: {how} the input {inp}; adaptedit never writes over "
                              "its inputs, even with --force; choose another output path")
+    leftovers.clean(out.parent, out.name)  # temporary folders of earlier writers that died
     if (out.exists() or out.is_symlink()) and not force:
         raise AdapteditError(f"{out}: already exists; pass --force to replace it")
 
@@ -187,7 +189,7 @@ def publish_dir(tmp: Path, folder: Path, *, force: bool) -> None:
     except OSError as e:
         if not _unsupported(e):
             raise
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    old = folder.with_name(leftovers.old_name(folder.name))
     os.replace(folder, old)
     try:
         rename_noreplace(tmp, folder)
@@ -207,7 +209,7 @@ def write_atomic_dir(folder: Path, write, *, force: bool) -> None:
         raise AdapteditError(f"{folder}: already exists; pass --force to replace it")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=leftovers.tmp_prefix(folder.name), dir=folder.parent))
     except OSError as e:
         raise AdapteditError(f"{folder}: cannot create a folder in {folder.parent} "
                              f"({e.strerror or e}); choose another output path") from None
@@ -233,7 +235,8 @@ def write_atomic_file(path: Path, write, *, force: bool, option: str = "-o") -> 
         raise AdapteditError(f"{option} {path}: already exists; pass --force to replace it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        leftovers.clean(path.parent, path.name)
+        fd, name = tempfile.mkstemp(prefix=leftovers.tmp_prefix(path.name), dir=path.parent)
         os.close(fd)
     except OSError as e:
         raise AdapteditError(f"{option} {path}: cannot create a file in {path.parent} "
@@ -257,7 +260,7 @@ def write_atomic_file(path: Path, write, *, force: bool, option: str = "-o") -> 
 
 def replace_file(folder: Path, name: str, write) -> None:
     """Replace ``folder/name`` atomically (a link there is replaced, not written through)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=leftovers.tmp_prefix(name), dir=folder)
     os.close(fd)
     try:
         write(Path(tmp))

@@ -55,7 +55,8 @@ def check_weight(adapter: Adapter, name: str, weight: torch.Tensor, base_ref: st
                              f"{info.key} of {base_ref} differs; {fix}")
 
 
-def base_for(adapter: Adapter, base: str | None, *, quiet: bool = True):
+def base_for(adapter: Adapter, base: str | None, *, quiet: bool = True,
+             trust_remote_code: bool = False):
     """The base model source: --base if given, else the one recorded in the adapter."""
     ref = base or adapter.config.base.get("ref")
     if not ref:
@@ -63,7 +64,7 @@ def base_for(adapter: Adapter, base: str | None, *, quiet: bool = True):
     path = adapter.config.base.get("path")
     if base is None and path and Path(path).is_dir() and adapter.config.base.get("kind") == "folder":
         ref = path
-    return resolve(ref, quiet=quiet)
+    return resolve(ref, quiet=quiet, trust_remote_code=trust_remote_code)
 
 
 def module_target(name: str, info: ModuleInfo) -> Target:

@@ -295,9 +295,7 @@ def load(ref: str, *, base: str | None = None, device: str = "auto", dtype: str 
     path = Path(ref).expanduser()
     if _is_adapter(path):
         adapter = load_adapter(path)
-        source = base_for(adapter, base)
-        if trust_remote_code:
-            source.trust_remote_code = True
+        source = base_for(adapter, base, trust_remote_code=trust_remote_code)
         check_base(adapter, source)
         model = attach(source.load(dtype=dt, device=dev), adapter)
         return model.eval(), source.tokenizer(), source.ref, str(path)

@@ -67,7 +67,9 @@ def plan_options(source: ModelSource, opts: InitOptions) -> tuple[list[Target], 
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} applies to {', '.join(owners) or 'no method'}, not "
                              f"{opts.method}; drop {flag}")
-    targets = select(source.targets, targets_spec(opts))
+    candidates = source.targets
+    check_stored_shapes(source, candidates)  # all of them: the base must load in train and merge
+    targets = select(candidates, targets_spec(opts))
     pattern = parse_pattern(opts.rank_pattern)
     unmatched = pattern_unmatched([t.name for t in targets], pattern)
     if unmatched:
@@ -93,6 +95,22 @@ def targets_spec(opts: InitOptions) -> str:
     if opts.targets is not None:
         return opts.targets
     return methods.get(opts.method).TARGETS or ALL_LINEAR
+
+
+def check_stored_shapes(source: ModelSource, targets: list[Target]) -> None:
+    """Each target's weight in the checkpoint has the shape config.json gives its module (a
+    mismatch would make an adapter that every later command rejects)."""
+    ckpt = source.checkpoint
+    for t in targets:
+        stored = tuple(ckpt.shape(t.key))
+        expect = t.shape if t.kind == "linear" else t.shape[::-1]
+        if stored != tuple(expect):
+            raise AdapteditError(
+                f"{source.path}: weight {t.key} is stored as {'×'.join(map(str, stored))} but "
+                f"config.json makes {t.name} a {t.out_features}×{t.in_features} {t.kind} layer"
+                + ("" if t.kind == "linear" else f" (stored as {'×'.join(map(str, expect))})")
+                + "; the weights and config.json disagree: "
+                "fetch the model again or fix config.json")
 
 
 def scaling_for(alpha: float, rank: int, rslora: bool) -> float:

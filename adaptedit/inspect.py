@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from adaptedit import __version__, checks
+from adaptedit import __version__, checks, leftovers
 from adaptedit import geometry as G
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.targets import Target, select, to_w
@@ -123,7 +123,8 @@ def base_svd(raw: torch.Tensor, kind: str, w: torch.Tensor, *, mode: str = "auto
              "residual": torch.tensor([float(resid.max())])}
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        leftovers.clean(path.parent, path.name)
+        fd, tmp = tempfile.mkstemp(prefix=leftovers.tmp_prefix(path.name), dir=path.parent)
         os.close(fd)
         try:
             save_file({k: v.contiguous() for k, v in t.items()}, tmp, metadata={"format": "pt"})
@@ -434,7 +435,8 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
         points_src.insert(0, (str(folders[0]), None, main))
     for _, _, ad in points_src:  # adapters of other targets are compared on the modules they share
         checks.adapter_tensors(ad)
-    source = resolve(base, trust_remote_code=trust_remote_code) if base else base_for(main, None)
+    source = (resolve(base, trust_remote_code=trust_remote_code) if base
+              else base_for(main, None, trust_remote_code=trust_remote_code))
     targets = _adapter_targets(main, opts.targets)
     # the adapter's record against the checkpoint headers: no transformers model to build (seconds)
     found = recorded_targets(main, source)

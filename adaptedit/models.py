@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from adaptedit import leftovers
 from adaptedit.errors import AdapteditError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -276,6 +277,7 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
             if not (path / "config.json").exists():
                 raise AdapteditError(f"{path}: no config.json; expected a model folder "
                                      "(config.json + *.safetensors) or a .gguf file")
+            check_remote_code(ref, path, trust_remote_code)
             src = ModelSource(ref, path.resolve(), "folder", trust_remote_code)
             src.checkpoint  # validate weights now: one-line error for bad files
             return src
@@ -296,6 +298,33 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
     raise AdapteditError(f"{ref}: no such file or folder, and not a hub id (org/name)")
 
 
+def remote_code_type(path: Path) -> str | None:
+    """The model_type of a model that needs its own Python code, else None: config.json names code
+    (auto_map) for a model type this transformers does not implement itself. (Models whose code
+    was later added to transformers keep their auto_map and load without it.)"""
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # reported by whoever reads the config
+    if not isinstance(raw, dict) or not raw.get("auto_map"):
+        return None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    mt = raw.get("model_type")
+    return None if mt in CONFIG_MAPPING_NAMES else str(mt)
+
+
+def check_remote_code(ref: str, path: Path, trust_remote_code: bool) -> None:
+    """Refuse a model that needs its own code unless --trust-remote-code was given."""
+    mt = None if trust_remote_code else remote_code_type(path)
+    if mt is not None:
+        raise AdapteditError(
+            f"{ref}: this model needs its own Python code (config.json has auto_map and "
+            f"transformers does not know model_type {mt!r}); pass --trust-remote-code if you "
+            "trust it (init, inspect, extract, modules and eval take it; train and merge never "
+            "run model code)")
+
+
 def _bad_hub_name(repo_id: str) -> str | None:
     """What makes ``org/name`` an invalid hub repository id (the hub's naming rules), or None."""
     for part in repo_id.split("/"):
@@ -313,6 +342,8 @@ def _from_hub(ref: str, trust_remote_code: bool) -> ModelSource:
 
     repo_id, _, revision = ref.partition("@")
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    if trust_remote_code:
+        patterns.append("*.py")  # the model's own code, asked for
     try:
         folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
     except Exception as e:
@@ -324,6 +355,7 @@ def _from_hub(ref: str, trust_remote_code: bool) -> ModelSource:
     path = Path(folder)
     if not (path / "config.json").exists():
         raise AdapteditError(f"{ref}: the hub repository has no config.json")
+    check_remote_code(ref, path, trust_remote_code)
     src = ModelSource(ref, path, "hub", trust_remote_code)
     src.checkpoint
     return src
@@ -385,7 +417,8 @@ def convert_gguf(gguf: Path, out: Path, quiet: bool = True) -> None:
             raise AdapteditError(f"{gguf}: transformers cannot load this GGUF file "
                                  f"({_first_line(e)})") from None
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        leftovers.clean(out.parent, out.name)
+        tmp = Path(tempfile.mkdtemp(prefix=leftovers.tmp_prefix(out.name), dir=out.parent))
         try:
             if hasattr(config, "quantization_config"):
                 del config.quantization_config

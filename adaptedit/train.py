@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adaptedit import __version__, checks, data as D, methods
+from adaptedit import __version__, checks, data as D, leftovers, methods
 from adaptedit.adapter import CONFIG_NAME, TENSORS_NAME, Adapter, save_adapter, write_adapter_files
 from adaptedit.atomic import (check_output, file_mode, folder_lock, open_append, refuse_symlink,
                               replace_file, write_atomic_dir)
@@ -312,7 +312,7 @@ def checkpoint_dirs(folder: Path) -> list[Path]:
 
 def update_adapter_folder(adapter: Adapter, folder: Path) -> None:
     """Replace adapter.safetensors, then adaptedit.json, each by an atomic rename."""
-    tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=folder))
+    tmp = Path(tempfile.mkdtemp(prefix=leftovers.tmp_prefix("save"), dir=folder))
     try:
         write_adapter_files(adapter, tmp)
         for name in (TENSORS_NAME, CONFIG_NAME):
@@ -415,6 +415,53 @@ class Run:
         return h
 
 
+def _last_intact(folder: Path):
+    """The newest checkpoint that reads back whole: (folder, state, config, adapter, tensors).
+
+    A checkpoint damaged after it was written (a disk error, a hand edit) is skipped with a warning
+    and the run resumes from the one before; its step is written again.
+    """
+    from safetensors.torch import load_file
+
+    from adaptedit import console
+
+    ckpts = checkpoint_dirs(folder)
+    if not ckpts:
+        raise AdapteditError(f"{folder}: --resume found no checkpoint in {folder / CHECKPOINTS}")
+    damaged = []
+    for last in reversed(ckpts):
+        try:
+            state = json.loads((last / STATE_JSON).read_text(encoding="utf-8"))
+            saved = TrainConfig(**state["config"])
+            int(state["step"]), state["optimizer"]["param_groups"]  # noqa: B018 (present)
+            adapter = load_adapter(last)
+            tensors = load_file(str(last / STATE_TENSORS))
+            if "rng.cpu" not in tensors:
+                raise KeyError("rng.cpu")
+        except Exception as e:  # any damage: JSON, types, keys, safetensors, adapter checks
+            why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            damaged.append(f"{last.name} ({why})")
+            continue
+        for d in damaged:
+            console.warn(f"checkpoint {folder / CHECKPOINTS}/{d} is damaged; resuming from the "
+                         f"earlier {last.name}")
+        return last, state, saved, adapter, tensors
+    raise AdapteditError(f"{folder}: every checkpoint in {folder / CHECKPOINTS} is damaged (newest: "
+                         f"{damaged[0]}); start a new run with -o NEW_DIR")
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse a folder train could not save into, before any work (a probe file, then removed)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=leftovers.tmp_prefix("probe"), dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise AdapteditError(f"{folder}: cannot write there ({e.strerror or e}), and train saves "
+                             "checkpoints and the trained adapter into it; fix its permissions, "
+                             "or train a copy with -o NEW_DIR") from None
+
+
 def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
             out: Path | None = None, resume: bool = False, tokenizer=None) -> Run:
     """Resolve the run: adapter, output folder, resume state, tokenizer, data, steps, device."""
@@ -423,6 +470,9 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
     adapter_dir = Path(adapter_dir)
     folder = Path(out) if out else adapter_dir
     state, state_tensors, start = {}, {}, 0
+    if dist.main and folder.is_dir():  # temporary files of runs that were killed
+        leftovers.clean(folder)
+        leftovers.clean(folder / CHECKPOINTS)
     copy_made = False  # -o NEW written by an earlier attempt that stopped before a checkpoint
     if resume and not checkpoint_dirs(folder) and (folder / CONFIG_NAME).exists():
         # the run stopped before its first checkpoint: there is nothing to continue, so it
@@ -433,13 +483,7 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
                              "options again")
         resume, copy_made = False, out is not None
     if resume:
-        ckpts = checkpoint_dirs(folder)
-        if not ckpts:
-            raise AdapteditError(f"{folder}: --resume found no checkpoint in {folder / CHECKPOINTS}")
-        last = ckpts[-1]
-        state = json.loads((last / STATE_JSON).read_text())
-        saved = TrainConfig(**state["config"])
-        adapter = load_adapter(last)
+        last, state, saved, adapter, state_tensors = _last_intact(folder)
         if saved.lr is None:  # runs record the method's default as "no --lr"
             saved.lr = method_lr(adapter.config.method)
         changed = [k for k in LOCKED if k in given and getattr(cfg, k) != getattr(saved, k)
@@ -453,9 +497,6 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
         for k in TrainConfig.names():
             if k not in given or k in LOCKED:
                 setattr(cfg, k, getattr(saved, k))
-        from safetensors.torch import load_file
-
-        state_tensors = load_file(str(last / STATE_TENSORS))
         start = int(state["step"])
     else:
         adapter = load_adapter(folder if copy_made else adapter_dir)
@@ -471,6 +512,11 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
     if adapter.config.source != "adaptedit":
         raise AdapteditError(f"{adapter_dir}: an imported {adapter.config.source} adapter; convert "
                              "it to a native adapter folder before training")
+    if dist.main:
+        writable = folder
+        while not writable.is_dir() and writable != writable.parent:
+            writable = writable.parent  # -o NEW/DIR: the folder it will be created in
+        _check_writable(writable)
     device = pick_device(cfg.device, dist)
     dtype = pick_dtype(cfg.dtype, device)
     if tokenizer is None:
@@ -642,8 +688,11 @@ def _train(run: Run, reporter=None, *, model=None) -> dict:
                 save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": "pt"})
                 (tmp / STATE_JSON).write_text(json.dumps(st, indent=2) + "\n")
 
-            write_atomic_dir(run.folder / CHECKPOINTS / f"step-{at:06d}", write, force=True)
-            update_adapter_folder(adapter, run.folder)
+            try:
+                write_atomic_dir(run.folder / CHECKPOINTS / f"step-{at:06d}", write, force=True)
+                update_adapter_folder(adapter, run.folder)
+            except (OSError, AdapteditError) as e:
+                raise AdapteditError(_save_failed(run, at, history["last_saved"], e)) from None
             history["last_saved"] = at
             rep.saved(at, run.folder / CHECKPOINTS / f"step-{at:06d}")
         dist.barrier()
@@ -770,25 +819,54 @@ def _pad_id(run: Run) -> int:
     return 0  # padded positions are masked (attention 0, label −100): the id never matters
 
 
+def _save_failed(run: Run, at: int, last_saved, e: BaseException) -> str:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(": ", 1)[-1]
+    kept = (f"the adapter folder holds step {last_saved}" if last_saved
+            else "no checkpoint was written yet")
+    return (f"{run.folder / CHECKPOINTS}: cannot save the checkpoint of step {at} ({why}); {kept}. "
+            "Free disk space (or fix permissions) and continue with --resume")
+
+
 def _log(path: Path, dist: Dist, rec: dict) -> None:
     if not dist.main:
         return
-    with open_append(path) as f:  # never through a symbolic link
-        f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                            for k, v in rec.items()}) + "\n")
+    line = json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                       for k, v in rec.items()}) + "\n"
+    try:
+        with open_append(path) as f:  # never through a symbolic link
+            f.write(line)
+    except OSError as e:
+        raise AdapteditError(f"{path}: cannot append the metrics of step {rec.get('step')} "
+                             f"({e.strerror or e}); free disk space (or fix permissions) and "
+                             "continue with --resume") from None
+
+
+def _metric_step(line: str):
+    """The step of one metrics.jsonl line, or None for a line a killed run left torn."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    step = rec.get("step", 0) if isinstance(rec, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines written after the checkpoint (they will be written again)."""
+    """On resume, drop metric lines written after the checkpoint (they will be written again),
+    and lines that do not parse (a run killed mid-write tears its last line)."""
     refuse_symlink(path)
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    keep = [line for line in lines if (st := _metric_step(line)) is not None and st <= step]
     if step == 0:
         keep = []
-    replace_file(path.parent, path.name,
-                 lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
+    try:
+        replace_file(path.parent, path.name,
+                     lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
+    except OSError as e:
+        raise AdapteditError(f"{path}: cannot rewrite ({e.strerror or e}); fix its permissions "
+                             "or free disk space, then continue with --resume") from None
 
 
 def _provenance(run: Run, step: int, loss, history: dict) -> dict:

@@ -83,6 +83,35 @@ def _train(folder, data, *extra):
     return ["train", str(folder), "--data", str(data), "--steps", "1", "--device", "cpu", *extra]
 
 
+def _remote_code_base(base: Path, root: Path) -> Path:
+    """The tiny llama as a model that needs its own code: an auto_map and a model_type
+    transformers does not know (the .py files are never needed: nothing runs them)."""
+    folder = root / "remote"
+    shutil.copytree(base, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="tiny-remote", auto_map={
+        "AutoConfig": "configuration_tiny.TinyConfig",
+        "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _on_remote_base(ad: Path, base: Path, root: Path) -> Path:
+    remote = _remote_code_base(base, root)
+    return _copy(ad, root, config=lambda c: c.update(base={"ref": str(remote), "path": str(remote),
+                                                           "kind": "folder"}))
+
+
+def _bad_shape_base(base: Path, root: Path) -> Path:
+    """config.json says intermediate_size 48; the stored MLP weights are 64 wide."""
+    folder = root / "base"
+    shutil.copytree(base, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 48
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 # Each case: (inputs under root) -> (argv, expected exit code, a regex the message must match,
 # a regex it must not match). The regex names the file or option the problem is in.
 CASES = {
@@ -167,6 +196,24 @@ CASES = {
     "csv_header_not_utf8": lambda ad, base, root: (
         _train(_copy(ad, root), _data(root, "d.csv", b"te\xffxt\nhello\n")), 1,
         r"d\.csv:1: the CSV header is not valid UTF-8 \(byte 2\); save the file as UTF-8", None),
+    # base tensors against config.json at init (item 14)
+    "init_shape_disagrees_with_config": lambda ad, base, root: (
+        ["init", str(_bad_shape_base(base, root)), "-o", str(root / "out"), "-t", "q_proj"], 1,
+        r"base: weight model\.layers\.0\.mlp\.gate_proj\.weight is stored as 64×32 but "
+        r"config\.json makes model\.layers\.0\.mlp\.gate_proj a 48×32 linear layer", r"stack"),
+    # models that need their own code (item 12): refused in one line naming the flag
+    "init_remote_code_without_flag": lambda ad, base, root: (
+        ["init", str(_remote_code_base(base, root)), "-o", str(root / "out")], 1,
+        r"remote: this model needs its own Python code \(config\.json has auto_map.*'tiny-remote'"
+        r"\); pass --trust-remote-code", None),
+    "train_remote_code": lambda ad, base, root: (
+        _train(_on_remote_base(ad, base, root), _data(root)), 1,
+        r"remote: this model needs its own Python code.*train and merge never run model code",
+        None),
+    "merge_remote_code": lambda ad, base, root: (
+        ["merge", str(_on_remote_base(ad, base, root)), "-o", str(root / "out")], 1,
+        r"remote: this model needs its own Python code.*train and merge never run model code",
+        None),
     # misleading hints (item 18)
     "hub_id_dot_dot": lambda ad, base, root: (
         ["init", "a/..", "-o", str(root / "out")], 1,
@@ -195,6 +242,14 @@ def test_bad_input_is_refused_in_one_line(case, adapter, tiny_llama, tmp_path):
         assert not re.search(unwanted, lines[0]), lines[0]
     assert _snapshot(root) == before  # inputs byte-identical, nothing left behind
     assert _snapshot(tiny_llama) == base_before
+
+
+def test_merge_takes_no_trust_remote_code(adapter, tmp_path):
+    """merge never runs model code, so it offers no flag it would ignore (item 12)."""
+    rc, _, err = run_cli(["merge", str(adapter), "-o", str(tmp_path / "out"),
+                          "--trust-remote-code"])
+    assert rc == 2 and "No such option: --trust-remote-code" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_on_a_changed_base_names_no_missing_option(tiny_llama, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from adaptedit import console
-from adaptedit.commands.common import FORCE, JSON, QUIET, TRUST, human_bytes, kv_table
+from adaptedit.commands.common import FORCE, JSON, QUIET, human_bytes, kv_table
 from adaptedit.atomic import check_output
 from adaptedit.errors import UsageError
 
@@ -41,7 +41,6 @@ def merge(
     force: bool = FORCE,
     json_: bool = JSON,
     quiet: bool = QUIET,
-    trust_remote_code: bool = TRUST,
 ):
     """Fold adapter(s) into the base weights: a safetensors model folder transformers loads as is."""
     from adaptedit.formats import load_adapter
@@ -54,8 +53,7 @@ def merge(
                         seed=seed, dtype=dtype, max_shard_size=max_shard_size, verify=verify)
     loaded = [load_adapter(a) for a in adapters]
     with console.progress(bytes_mode=True) as bar:
-        result = do_merge(loaded, out, base=base, opts=opts, force=force, progress=bar,
-                          trust_remote_code=trust_remote_code)
+        result = do_merge(loaded, out, base=base, opts=opts, force=force, progress=bar)
     for n in result.notes:
         console.note(n)
     if json_:
