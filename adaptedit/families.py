@@ -127,3 +127,46 @@ def _names(key: str, prefix: str) -> tuple[str, ...]:
     """The model names a checkpoint key can stand for (saved with or without the base prefix)."""
     stripped = key[len(prefix) + 1:] if key.startswith(prefix + ".") else key
     return (key, stripped, f"{prefix}.{key}")
+
+
+def config_shapes(config: dict) -> dict[str, tuple[int, int]] | None:
+    """(out, in) of each block module as config.json sizes it (the meta model would build these),
+    keyed like ``Family.modules`` (and tail names); None for other families or missing keys.
+    init compares them with the stored weights: a checkpoint whose config.json disagrees with its
+    tensors builds an adapter no later command (train, merge verification) can use."""
+    fam = family_of(config)
+    if fam is None:
+        return None
+    arch = config["architectures"][0]
+
+    def size(*keys, default=None):
+        for k in keys:
+            v = config.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return default
+
+    if arch == "GPT2LMHeadModel":
+        e = size("n_embd")
+        inner = size("n_inner", default=4 * e if e else None)
+        if not e:
+            return None
+        return {"attn.c_attn": (3 * e, e), "attn.c_proj": (e, e), "mlp.c_fc": (inner, e),
+                "mlp.c_proj": (e, inner)}
+    h, i = size("hidden_size"), size("intermediate_size")
+    if not h or not i:
+        return None
+    if arch == "BertModel":
+        return {"attention.self.query": (h, h), "attention.self.key": (h, h),
+                "attention.self.value": (h, h), "attention.output.dense": (h, h),
+                "intermediate.dense": (i, h), "output.dense": (h, i), "pooler.dense": (h, h)}
+    n = size("num_attention_heads")
+    if not n:
+        return None
+    kv = size("num_key_value_heads", default=n)
+    d = size("head_dim", default=h // n)
+    q, k = n * d, kv * d
+    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (k, h), "self_attn.v_proj": (k, h),
+            "self_attn.o_proj": (h, q), "self_attn.qkv_proj": (q + 2 * k, h),
+            "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.gate_up_proj": (2 * i, h),
+            "mlp.down_proj": (h, i)}

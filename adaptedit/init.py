@@ -99,15 +99,26 @@ def targets_spec(opts: InitOptions) -> str:
 
 def check_stored_shapes(source: ModelSource, targets: list[Target]) -> None:
     """Each target's weight in the checkpoint has the shape config.json gives its module (a
-    mismatch would make an adapter that every later command rejects)."""
+    mismatch would make an adapter that every later command rejects). Targets planned from the
+    header carry the stored shapes: config.json's sizes come from families.config_shapes."""
+    from adaptedit.families import config_shapes
+
     ckpt = source.checkpoint
+    header = source.plan_source == "header"
+    sizes = (config_shapes(source.config_json) or {}) if header else {}
     for t in targets:
+        if header:
+            want = sizes.get(t.name.split(".", 3)[-1]) or sizes.get(t.name)
+            if want is None:
+                continue
+        else:
+            want = (t.out_features, t.in_features)
         stored = tuple(ckpt.shape(t.key))
-        expect = t.shape if t.kind == "linear" else t.shape[::-1]
+        expect = want if t.kind == "linear" else want[::-1]
         if stored != tuple(expect):
             raise AdapteditError(
                 f"{source.path}: weight {t.key} is stored as {'×'.join(map(str, stored))} but "
-                f"config.json makes {t.name} a {t.out_features}×{t.in_features} {t.kind} layer"
+                f"config.json makes {t.name} a {want[0]}×{want[1]} {t.kind} layer"
                 + ("" if t.kind == "linear" else f" (stored as {'×'.join(map(str, expect))})")
                 + "; the weights and config.json disagree: "
                 "fetch the model again or fix config.json")

@@ -306,3 +306,19 @@ def test_a_csv_field_over_128_kib_is_read_whole(tok, tmp_path):
     data = D.load(path, tok, max_length=32, mask_prompt=False)
     assert len(data) == 2 and data.stats.truncated == 1
     assert csv.field_size_limit() == limit  # the process-wide limit is restored
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_llama_tied", "tiny_gpt2", "tiny_bert"])
+def test_config_shapes_equal_the_meta_model_on_every_fixture(name, request):
+    """families.config_shapes (init's check of stored shapes, item 14) sizes every module as the
+    transformers model built from config.json does."""
+    from adaptedit.families import config_shapes
+    from adaptedit.models import resolve
+    from adaptedit.targets import adaptable
+
+    source = resolve(str(request.getfixturevalue(name)))
+    sizes = config_shapes(source.config_json)
+    targets = adaptable(source.meta_model(), source.checkpoint.keys())
+    assert sizes and targets
+    for t in targets:
+        assert (sizes.get(t.name.split(".", 3)[-1]) or sizes[t.name]) == t.shape, t.name
