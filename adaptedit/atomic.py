@@ -207,6 +207,7 @@ def write_atomic_dir(folder: Path, write, *, force: bool) -> None:
         raise AdapteditError(f"{folder}: exists and is not a folder; choose another output path")
     if folder.exists() and not force:
         raise AdapteditError(f"{folder}: already exists; pass --force to replace it")
+    leftovers.clean(folder.parent, folder.name)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=leftovers.tmp_prefix(folder.name), dir=folder.parent))

@@ -322,3 +322,34 @@ def test_config_shapes_equal_the_meta_model_on_every_fixture(name, request):
     assert sizes and targets
     for t in targets:
         assert (sizes.get(t.name.split(".", 3)[-1]) or sizes[t.name]) == t.shape, t.name
+
+
+# a tiny checkpoint of every other family families.config_shapes sizes (as tests/test_families.py)
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+FAMILIES = {"mistral": ("MistralConfig", "MistralForCausalLM", {}),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+            "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+            "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+            "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16}),
+            "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0})}
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_config_shapes_equal_the_meta_model_per_family(case, tmp_path):
+    import transformers
+
+    from adaptedit.families import config_shapes
+    from adaptedit.models import resolve
+    from adaptedit.targets import adaptable
+
+    cfg_cls, model_cls, extra = FAMILIES[case]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_cls)(**{**SMALL, **extra})
+    getattr(transformers, model_cls)(cfg).save_pretrained(tmp_path / case)
+    source = resolve(str(tmp_path / case))
+    sizes = config_shapes(source.config_json)
+    targets = adaptable(source.meta_model(), source.checkpoint.keys())
+    assert sizes and targets
+    for t in targets:
+        assert sizes[t.name.split(".", 3)[-1]] == t.shape, t.name
