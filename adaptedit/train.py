@@ -384,6 +384,9 @@ class Run:
     start_step: int = 0
     state: dict = field(default_factory=dict)  # trainer state JSON of the resumed checkpoint
     state_tensors: dict = field(default_factory=dict)
+    # the newest checkpoint step in the folder at prepare (above start_step when a damaged newer
+    # checkpoint was skipped): train refuses to start if another run saved one since
+    newest_step: int | None = None
 
     @property
     def examples_per_step(self) -> int:
@@ -544,8 +547,10 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
     if not resume and out is not None and not copy_made:
         if dist.main:
             save_adapter(adapter, Path(out), force=False)
+    newest = checkpoint_dirs(folder)
     return Run(folder, cfg, adapter, train_data, eval_data, total, warm, lr, device, dtype,
-               dist.world, start, state, state_tensors)
+               dist.world, start, state, state_tensors,
+               newest_step=int(newest[-1].name[5:]) if newest else 0)
 
 
 def _inputs_of(adapter: Adapter, adapter_dir: Path, cfg: TrainConfig) -> list:
@@ -606,7 +611,7 @@ def _unchanged_since_prepare(run: Run) -> None:
     """Refuse when another run saved checkpoints between :func:`prepare` and the lock."""
     ckpts = checkpoint_dirs(run.folder)
     last = int(ckpts[-1].name[5:]) if ckpts else 0
-    if last != run.start_step:
+    if last != (run.newest_step if run.newest_step is not None else run.start_step):
         raise AdapteditError(f"{run.folder}: another run saved checkpoint step {last} after this one "
                              "started; nothing was changed: rerun (--resume continues from it)")
 
