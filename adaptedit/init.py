@@ -15,13 +15,17 @@ import torch
 from adaptedit import checks, methods
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.errors import AdapteditError, UsageError
-from adaptedit.linalg import fingerprint
+from adaptedit.linalg import fingerprint, top_energy
 from adaptedit.models import ModelSource
 from adaptedit.targets import (ALL_LINEAR, Target, parse_pattern, pattern_unmatched, pattern_value,
                                select, to_w)
 
 BATCH_BYTES = 256 << 20  # float32 weights decomposed together at most
-ENERGY_SAMPLE = 1  # modules per shape whose randomized SVD is checked against an exact one
+# The randomized SVD's captured energy Σσ̂²/Σσ² (top r) is measured on every module against the
+# exact top-r energy; a module below the floor is decomposed again with more power iterations
+# (REFINE_NITER), and with the exact SVD if those do not reach it either.
+ENERGY_FLOOR = 0.96
+REFINE_NITER = (8, 16, 32)
 
 
 @dataclass
@@ -40,6 +44,7 @@ class InitOptions:
     device: str = "auto"
     delora_lambda: float = 15.0
     options: dict = field(default_factory=dict)  # the method's own options given (OPTIONS keys)
+    energy_floor: float = ENERGY_FLOOR  # randomized SVD: least captured energy of every module
 
 
 def resolve_device(device: str) -> torch.device:
@@ -139,6 +144,8 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
         raise UsageError(f"--alpha {opts.alpha:g}: must be a positive number (scaling = α / r)")
     if not (math.isfinite(opts.delora_lambda) and opts.delora_lambda > 0):
         raise UsageError(f"--delora-lambda {opts.delora_lambda:g}: must be a positive number")
+    if not (0.0 <= opts.energy_floor <= 1.0):
+        raise UsageError(f"--energy-floor {opts.energy_floor:g}: must be in [0, 1]")
     checks.seed(opts.seed)
     device = resolve_device(opts.device)
     if not method.SCALED and (opts.alpha is not None or opts.rslora):
@@ -155,7 +162,7 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
     for t in targets:
         groups[(t.shape, ranks[t.name])].append(t)
 
-    tensors, infos, energies = {}, {}, []
+    tensors, infos, energies, refined = {}, {}, {}, {}
     task = progress.add_task("Decomposing" if svd_kind != "none" else "Initialising",
                              total=len(targets)) if progress else None
     for (shape, rank), members in groups.items():
@@ -177,14 +184,16 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
                          "delora_lambda": opts.delora_lambda, "names": [t.name for t in chunk]}
             out = method.init(w, init_opts)
             s_found = out.pop("_s", None)
-            if svd_kind == "randomized" and s_found is not None and i < ENERGY_SAMPLE:
-                exact = torch.linalg.svdvals(w[0])[:rank]  # the price of speed, on a sample
-                energies.append(float((s_found[0] ** 2).sum() / (exact.double() ** 2).sum()))
+            if svd_kind == "randomized" and s_found is not None:
+                for j, how in _meet_floor(method, w, rank, init_opts, out, s_found, opts, energies,
+                                          chunk).items():
+                    refined[chunk[j].name] = how
             for j, t in enumerate(chunk):
                 tensors[t.name] = {k: v[j].detach().cpu().contiguous() for k, v in out.items()}
                 infos[t.name] = ModuleInfo(kind=t.kind, shape=[t.out_features, t.in_features],
                                            rank=rank, alpha=alpha, scaling=scaling, key=t.key,
-                                           fingerprint=fingerprint(raw[j]), has_bias=t.has_bias)
+                                           fingerprint=fingerprint(raw[j]), has_bias=t.has_bias,
+                                           captured_energy=energies.get(t.name))
             if progress:
                 progress.advance(task, len(chunk))
     # keep the model's module order, not the grouping order
@@ -198,10 +207,41 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
               "seed": opts.seed, "device": str(device),
               **({"delora_lambda": opts.delora_lambda} if "delora_lambda" in method.OPTIONS
                  else {k: v for k, v in options.items() if v is not None}),
-              **({"captured_energy_sample": energies,
-                  "captured_energy_min": min(energies)} if energies else {})},
+              **(_energy_summary(energies, refined, opts.energy_floor) if energies else {})},
     )
     return Adapter(config, {n: tensors[n] for n in order})
+
+
+def _meet_floor(method, w, rank, init_opts, out, s_found, opts, energies, chunk) -> dict:
+    """Measure the captured energy of every module of a chunk (into ``energies``) and redo those
+    below the floor in place in ``out``. Returns {index in chunk: how it was redone}."""
+    exact = top_energy(w, rank)
+    found = (s_found.double() ** 2).sum(-1)
+    captured = torch.where(exact > 0, found / exact.clamp_min(1e-300), torch.ones_like(exact))
+    redone = {}
+    for j, t in enumerate(chunk):
+        c = float(captured[j])
+        if c < opts.energy_floor:
+            for niter in [n for n in REFINE_NITER if n > opts.niter] + ["full"]:
+                retry = dict(init_opts, generator=torch.Generator().manual_seed(opts.seed),
+                             **({"svd": "full"} if niter == "full" else {"niter": niter}))
+                new = method.init(w[j:j + 1], retry)
+                c = float((new.pop("_s").double() ** 2).sum() / exact[j]) if exact[j] > 0 else 1.0
+                if c >= opts.energy_floor or niter == "full":
+                    for k, v in new.items():
+                        out[k][j] = v[0]
+                    redone[j] = f"niter {niter}" if niter != "full" else "exact SVD"
+                    break
+        energies[t.name] = min(c, 1.0)  # ≤ 1 up to rounding (an exact SVD can be 1 + 1e-16)
+    return redone
+
+
+def _energy_summary(energies: dict, refined: dict, floor: float) -> dict:
+    worst = min(energies, key=energies.get)
+    return {"energy_floor": floor, "captured_energy_min": energies[worst],
+            "captured_energy_worst_module": worst,
+            "captured_energy_mean": sum(energies.values()) / len(energies),
+            "energy_refined": refined}
 
 
 def _svd_kind(opts: InitOptions, targets: list[Target]) -> str:

@@ -9,10 +9,10 @@ Three sources of ΔW = W₁ − W₀, one analysis (:func:`analyze_module`, on :
 - the checkpoints an adapter saved during training (``--trajectory``), or several adapters: the
   cheap metrics (‖ΔW‖, ΔM, ΔD) at every point, the full analysis of the first adapter.
 
-W₀'s SVD is computed once per base weight and cached in ``cache_dir()/svd/`` (safetensors, keyed
-by the weight's fingerprint): exact and complete (LAPACK SVD, float32 beyond 256, stored in float32) up to
-min(out, in) = ``EXACT_MAX``, a seeded randomized top-k beyond (bottom-k energies are then not
-available and intruder counts are upper bounds; the accuracy of the sketch is reported).
+W₀'s SVD comes from :mod:`adaptedit.svd_cache` (computed once per base weight, cached on disk, capped):
+exact (LAPACK SVD; all singular values, the top and bottom singular vectors) up to min(out, in) =
+``EXACT_MAX``, a seeded randomized top-k beyond (bottom-k energies are then not available and
+intruder counts are upper bounds; the accuracy of the sketch is reported).
 
 The result is one JSON-ready dict (schema in docs/inspect.md, version ``SCHEMA_VERSION``).
 """
@@ -20,23 +20,22 @@ The result is one JSON-ready dict (schema in docs/inspect.md, version ``SCHEMA_V
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from adaptedit import __version__, checks, leftovers
+from adaptedit import __version__, checks
 from adaptedit import geometry as G
 from adaptedit.errors import AdapteditError, UsageError
+from adaptedit.svd_cache import (EXACT_MAX, base_svd, best_cos, cache_max,  # noqa: F401
+                                 svd_cache_path)
 from adaptedit.targets import Target, select, to_w
 
 SCHEMA = "adaptedit.inspect"
 SCHEMA_VERSION = 1
-EXACT_MAX = 2048  # min(out, in) up to which W₀'s SVD is exact and complete
 SPECTRUM_MAX = 64  # singular values per module kept in the report
 CHECKPOINT_K = 16  # default k when ΔW comes from two checkpoints (no adapter rank)
 # metrics aggregated by layer / module type / model: energy-weighted ones use ‖ΔW‖² as weight
@@ -68,78 +67,9 @@ class Options:
             raise UsageError(f"--intruder-eps {self.intruder_eps:g}: must be in (0, 1]")
         if self.svd not in ("auto", "full", "randomized"):
             raise UsageError(f"--svd {self.svd!r}: use auto, full or randomized")
+        if self.cache:
+            cache_max()  # a bad $ADAPTEDIT_SVD_CACHE_MAX is reported before any work
         checks.seed(self.seed)
-
-
-# ----------------------------------------------------------------------------------------------
-# W₀'s SVD, cached per base weight
-
-
-def svd_cache_path(fp: str, kind: str, tag: str) -> Path:
-    from adaptedit.models import cache_dir
-
-    return cache_dir() / "svd" / f"{fp}-{kind}-{tag}.safetensors"
-
-
-def base_svd(raw: torch.Tensor, kind: str, w: torch.Tensor, *, mode: str = "auto", need: int = 16,
-             seed: int = 0, cache: bool = True) -> dict:
-    """W₀ = U S Vh for one base weight (``raw`` as stored, ``w`` = W₀ out × in, float32).
-
-    Returns {"u", "s", "vh" (float32), "complete": bool, "kind": "full"|"randomized",
-    "accuracy": {...} or None, "cached": bool}. ``need`` is the rank the caller needs from a
-    randomized SVD (k and the intruder k).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
-
-    from adaptedit.linalg import fingerprint, randomized_svd
-
-    m = min(w.shape)
-    full = mode == "full" or (mode == "auto" and m <= EXACT_MAX)
-    rank = m if full else min(m, max(need, 64))
-    fp = fingerprint(raw)
-    tag = "full" if full else f"rand{rank}-s{seed}"
-    path = svd_cache_path(fp, kind, tag)
-    if cache and path.exists():
-        try:
-            t = load_file(str(path))
-            if t["u"].shape == (w.shape[0], rank) and t["vh"].shape == (rank, w.shape[1]):
-                return _svd_record(t, full, cached=True)
-        except (SafetensorError, OSError, KeyError, Exception):
-            pass  # a damaged cache entry is recomputed and replaced
-    if full:
-        # LAPACK's float32 SVD (backward stable, ~1.6× faster than float64 here); small matrices in
-        # float64, where it costs nothing
-        wd = w.double() if m <= 256 else w.float()
-        u, s, vh = torch.linalg.svd(wd, full_matrices=False)
-        t = {"u": u.float(), "s": s.float(), "vh": vh.float()}
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        u, s, vh = randomized_svd(w.double(), rank, niter=4, oversample=8, generator=gen)
-        resid = torch.linalg.vector_norm(w.double().T @ u - vh.T * s, dim=0) / s.clamp_min(1e-300)
-        total = float(w.double().pow(2).sum())
-        t = {"u": u.float(), "s": s.float(), "vh": vh.float(),
-             "captured": torch.tensor([float((s ** 2).sum()) / total if total > 0 else 1.0]),
-             "residual": torch.tensor([float(resid.max())])}
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        leftovers.clean(path.parent, path.name)
-        fd, tmp = tempfile.mkstemp(prefix=leftovers.tmp_prefix(path.name), dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in t.items()}, tmp, metadata={"format": "pt"})
-            os.replace(tmp, path)
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)  # a read-only cache only costs time
-    return _svd_record(t, full, cached=False)
-
-
-def _svd_record(t: dict, full: bool, cached: bool) -> dict:
-    acc = None
-    if not full:
-        acc = {"captured_energy": float(t["captured"][0]), "max_residual": float(t["residual"][0])}
-    return {"u": t["u"], "s": t["s"], "vh": t["vh"], "complete": full,
-            "kind": "full" if full else "randomized", "accuracy": acc, "cached": cached}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,12 +103,16 @@ def analyze_module(w0: torch.Tensor, svd0: dict, *, p: torch.Tensor | None = Non
     rec["e_top_out"] = G.subspace_energy(u0[:, :kk], u_d, s_d)
     rec["e_top_in"] = G.subspace_energy(vh0[:kk].T, v_d, s_d)
     if svd0["complete"]:
-        rec["e_bottom_out"] = G.subspace_energy(u0[:, m - k:], u_d, s_d)
-        rec["e_bottom_in"] = G.subspace_energy(vh0[m - k:].T, v_d, s_d)
+        ub, vhb = u0, vh0  # W₀'s last singular vectors: the full matrices or their stored end
+        if svd0.get("u_bottom") is not None:
+            ub, vhb = svd0["u_bottom"].double(), svd0["vh_bottom"].double()
+        nb = ub.shape[1]
+        rec["e_bottom_out"] = G.subspace_energy(ub[:, nb - k:], u_d, s_d)
+        rec["e_bottom_in"] = G.subspace_energy(vhb[nb - k:].T, v_d, s_d)
     else:
         rec["e_bottom_out"] = rec["e_bottom_in"] = None
     rec["e_top"] = G.two_sided_energy(u0[:, :kk], vh0[:kk].T, u_d, s_d, v_d)
-    rec["e_bottom"] = (G.two_sided_energy(u0[:, m - k:], vh0[m - k:].T, u_d, s_d, v_d)
+    rec["e_bottom"] = (G.two_sided_energy(ub[:, nb - k:], vhb[nb - k:].T, u_d, s_d, v_d)
                        if svd0["complete"] else None)
     # what an isotropic random update would put there (output side, input side, either)
     rec["e_random"] = 1 - (1 - k / out_f) * (1 - k / in_f)
@@ -203,9 +137,9 @@ def analyze_module(w0: torch.Tensor, svd0: dict, *, p: torch.Tensor | None = Non
     else:
         start = torch.cat([u0[:, :ik + 8], p.double()], dim=1)
         u1, s1 = G.top_left_singular(w0d, ik, start[:, :out_f], p=p, q=q)
-    count, best = G.intruders(u1, u0, eps)
-    rec["intruders"] = count
-    rec["intruder_cos"] = best
+    best = best_cos(svd0, u1, w0)  # against every left singular vector of W₀ (when exact)
+    rec["intruders"] = int((best < eps).sum())
+    rec["intruder_cos"] = [float(x) for x in best]
     rec["intruders_exact"] = bool(svd0["complete"])
     rec["spectrum_delta"] = [float(x) for x in s_d[:SPECTRUM_MAX]]
     return rec

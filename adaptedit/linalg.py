@@ -32,6 +32,15 @@ def randomized_svd(w: torch.Tensor, rank: int, *, niter: int = 4, oversample: in
     return u[..., :rank], s[..., :rank], vh[..., :rank, :]
 
 
+def top_energy(w: torch.Tensor, rank: int) -> torch.Tensor:
+    """Σ_{i ≤ rank} σᵢ² of each matrix of a batch (…, m, n), in float64: the ``rank`` largest
+    eigenvalues of the Gram matrix of the smaller side (exact to ~1e-15 relative for the leading
+    ones, and 3-5× cheaper than ``svdvals``). Returns (…,)."""
+    wd = w.double()
+    gram = wd @ wd.transpose(-1, -2) if wd.shape[-2] <= wd.shape[-1] else wd.transpose(-1, -2) @ wd
+    return torch.linalg.eigvalsh(gram)[..., -rank:].clamp_min(0).sum(-1)
+
+
 def lowrank_svd(p: torch.Tensor, q: torch.Tensor):
     """Thin SVD of ΔW = P @ Q (P: m×k, Q: k×n) without forming ΔW: O((m+n)k²).
 

@@ -188,6 +188,50 @@ def make_tiny_bert(path: Path, *, dtype: torch.dtype = torch.float32, seed: int 
     return _save(BertModel(cfg).to(dtype).eval(), tok, path)
 
 
+def make_synthetic_llama(path: Path, *, hidden: int = 256, intermediate: int = 512, layers: int = 1,
+                         vocab: int = 64, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+                         spectrum=None, dtype: torch.dtype = torch.float32) -> Path:
+    """A LlamaForCausalLM checkpoint written from its tensors (config.json + model.safetensors, no
+    tokenizer, no transformers model): wider than tiny_llama, for the SVD paths that need
+    min(out, in) in the hundreds. Weights are Gaussian / sqrt(in), or U diag(spectrum(m)) Vᵀ with
+    random orthonormal U, V when ``spectrum`` (a function of m = min(out, in)) is given."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    hd = hidden // heads
+    shapes = {"self_attn.q_proj": (heads * hd, hidden), "self_attn.k_proj": (kv_heads * hd, hidden),
+              "self_attn.v_proj": (kv_heads * hd, hidden), "self_attn.o_proj": (hidden, heads * hd),
+              "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+              "mlp.down_proj": (hidden, intermediate)}
+
+    def weight(out_f, in_f):
+        if spectrum is None:
+            return torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
+        m = min(out_f, in_f)
+        u = torch.linalg.qr(torch.randn(out_f, m, generator=g, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(in_f, m, generator=g, dtype=torch.float64)).Q
+        return ((u * torch.as_tensor(spectrum(m), dtype=torch.float64)) @ v.T).float()
+
+    state = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g),
+             "model.norm.weight": torch.ones(hidden), "lm_head.weight": torch.randn(vocab, hidden, generator=g)}
+    for i in range(layers):
+        for name, shape in shapes.items():
+            state[f"model.layers.{i}.{name}.weight"] = weight(*shape)
+        state[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(hidden)
+        state[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(hidden)
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": intermediate, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+              "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+              "torch_dtype": str(dtype).removeprefix("torch.")}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
 BUILDERS = {
     "tiny_llama": make_tiny_llama,
     "tiny_llama_tied": functools.partial(make_tiny_llama, tied=True),

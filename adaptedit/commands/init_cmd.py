@@ -13,7 +13,7 @@ from adaptedit.adapter import save_adapter
 from adaptedit.commands.common import DEVICE, FORCE, JSON, QUIET, TRUST, human_count
 from adaptedit.atomic import check_output
 from adaptedit.errors import UsageError
-from adaptedit.init import InitOptions, build, parameter_counts
+from adaptedit.init import ENERGY_FLOOR, InitOptions, build, parameter_counts
 from adaptedit.methods import METHODS
 from adaptedit.models import model_inputs, resolve
 
@@ -34,6 +34,10 @@ def init(
     svd: str = typer.Option("auto", "--svd", help="full | randomized | auto (randomized for PiSSA on large matrices)."),
     niter: int = typer.Option(4, "--niter", help="Power iterations of the randomized SVD."),
     oversample: int = typer.Option(8, "--oversample", help="Extra sketch columns of the randomized SVD."),
+    energy_floor: float = typer.Option(
+        ENERGY_FLOOR, "--energy-floor",
+        help="Randomized SVD: least captured top-r energy of every module; modules below it are "
+             "decomposed again with more power iterations (0: never)."),
     seed: int = typer.Option(0, "--seed", help="Seed for random init and randomized SVD."),
     delora_lambda: float = typer.Option(15.0, "--delora-lambda", help="DeLoRA's initial strength λ."),
     block_size: int = typer.Option(None, "--block-size", help="OFT: size b of each rotated block (default PEFT's 32, or the largest size dividing every targeted module)."),
@@ -54,7 +58,8 @@ def init(
     check_output(out, force, inputs=[model])
     opts = InitOptions(method=method, rank=rank, alpha=alpha, dora=dora, rslora=rslora,
                        targets=targets, rank_pattern=rank_pattern, svd=svd, niter=niter,
-                       oversample=oversample, seed=seed, device=device, delora_lambda=delora_lambda,
+                       oversample=oversample, energy_floor=energy_floor, seed=seed, device=device,
+                       delora_lambda=delora_lambda,
                        options={k: v for k, v in (("block_size", block_size), ("coft_eps", coft_eps),
                                                   ("hra_lambda", hra_lambda)) if v is not None})
     source = resolve(model, trust_remote_code=trust_remote_code, quiet=console.quiet())
@@ -74,7 +79,9 @@ def init(
         "seconds": round(seconds, 3), "out": str(out),
     }
     if "captured_energy_min" in cfg.init:
-        header["captured_energy_min"] = cfg.init["captured_energy_min"]
+        for k in ("captured_energy_min", "captured_energy_worst_module", "energy_floor"):
+            header[k] = cfg.init[k]
+        header["energy_refined_modules"] = len(cfg.init["energy_refined"])
     save_adapter(adapter, out, force=force)
     if json_:
         console.emit_json(header)
@@ -88,6 +95,11 @@ def init(
         elif k == "trainable_percent":
             continue
         elif k == "captured_energy_min":
-            v = f"{v:.6f} (randomized vs exact top-r spectral energy, worst of a sample)"
+            v = (f"{v:.6f} (randomized vs exact top-r spectral energy, worst of all "
+                 f"{len(cfg.modules)} modules: {header['captured_energy_worst_module']})")
+        elif k == "captured_energy_worst_module":
+            continue
+        elif k == "energy_refined_modules":
+            v = f"{v} (below the floor with --niter {opts.niter}: decomposed again)"
         table.add_row(k, str(v))
     console.show(table)
