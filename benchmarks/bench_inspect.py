@@ -1,6 +1,6 @@
 """Benchmark `adaptedit inspect` on the embedded SmolLM2-135M (210 linear modules).
 
-    .venv/bin/python benchmarks/bench_inspect.py [--rank 16] [--keep DIR]
+    .venv/bin/python benchmarks/bench_inspect.py [--rank 16] [--keep DIR] [--cold-only]
 
 1. adapter mode: a rank-16 PiSSA and a rank-16 LoRA adapter (init, then B perturbed), every module;
    once with an empty SVD cache (W₀'s exact SVDs computed and written), then warm (best of 2).
@@ -70,6 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: temp)")
+    ap.add_argument("--cold-only", action="store_true", help="only the cold and one warm PiSSA run")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-inspect-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -87,15 +88,16 @@ def main() -> None:
     shutil.rmtree(svd_dir, ignore_errors=True)  # cold: W₀'s SVDs computed and cached
     cold, rep = timed(lambda: I.inspect_adapters([pissa]))
     rows.append(("adapter, pissa r16, cold SVD cache", len(rep["modules"]), cold, rep["verdict"]))
-    warm, rep = timed(lambda: I.inspect_adapters([pissa]), repeat=2)
+    warm, rep = timed(lambda: I.inspect_adapters([pissa]), repeat=1 if args.cold_only else 2)
     rows.append(("adapter, pissa r16, warm cache", len(rep["modules"]), warm, rep["verdict"]))
-    warm, rep = timed(lambda: I.inspect_adapters([lora]), repeat=2)
-    rows.append(("adapter, lora r16, warm cache", len(rep["modules"]), warm, rep["verdict"]))
     size = sum(p.stat().st_size for p in svd_dir.glob("*.safetensors"))
-
-    tuned = tuned_copy(source, pissa, work / "tuned")
-    two, rep = timed(lambda: I.inspect_checkpoints(str(source.path), str(tuned)))
-    rows.append(("two checkpoints (dense ΔW), warm cache", len(rep["modules"]), two, rep["verdict"]))
+    if not args.cold_only:
+        warm, rep = timed(lambda: I.inspect_adapters([lora]), repeat=2)
+        rows.append(("adapter, lora r16, warm cache", len(rep["modules"]), warm, rep["verdict"]))
+        tuned = tuned_copy(source, pissa, work / "tuned")
+        two, rep = timed(lambda: I.inspect_checkpoints(str(source.path), str(tuned)))
+        rows.append(("two checkpoints (dense ΔW), warm cache", len(rep["modules"]), two,
+                     rep["verdict"]))
 
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; SVD cache "
           f"{size / 1e6:.0f} MB for {len(list(svd_dir.glob('*.safetensors')))} weights\n")
