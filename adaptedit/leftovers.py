@@ -2,7 +2,7 @@
 
 Every temporary name adaptedit creates carries its writer's pid and a hash of its host name:
 
-    .NAME.tmp-PID-HOST-XXXXXXXX    a folder or file being written (renamed to NAME when complete)
+    .NAME.tmp-PID-HOST-<random>    a folder or file being written (renamed to NAME when complete)
     .NAME.old-PID-HOST             the previous NAME while --force swaps in the new one
 
 A killed writer leaves them behind (a killed merge leaves a whole model). :func:`clean` removes
