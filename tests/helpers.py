@@ -85,3 +85,35 @@ def tensors(folder: Path) -> dict:
     for f in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+def train_and_resume(base: Path, tmp_path: Path, opts, steps: int = 6, lr: float = 5e-2):
+    """Train a fresh adapter of ``opts`` (an InitOptions) for ``steps`` steps with a checkpoint every
+    ``steps // 2``, then resume a copy from that checkpoint. Returns (summary of the uninterrupted
+    run, its final tensors, the resumed run's final tensors); the adapter's θ₀ is in tmp_path/ad."""
+    import json
+    import shutil
+
+    from test_train import chat_rows
+
+    from adaptedit import train as training
+    from adaptedit.adapter import save_adapter
+    from adaptedit.init import build
+    from adaptedit.models import resolve
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(16)))
+    save_adapter(build(resolve(str(base)), opts), tmp_path / "ad")
+
+    def run(out, resume=False, **kw):
+        cfg, given = training.make_config({"data": str(data), **kw}, resume=resume)
+        return training.train(training.prepare(tmp_path / "ad", cfg, given=given, out=out,
+                                               resume=resume))
+
+    half = f"step-{steps // 2:06d}"
+    summary = run(tmp_path / "ref", steps=steps, batch_size=4, lr=lr, save_every=steps // 2,
+                  lr_schedule="constant")
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / half, tmp_path / "cut" / "checkpoints" / half)
+    run(tmp_path / "cut", resume=True)
+    return (summary, load_file(str(tmp_path / "ref" / "adapter.safetensors")),
+            load_file(str(tmp_path / "cut" / "adapter.safetensors")))

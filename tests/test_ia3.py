@@ -6,12 +6,11 @@ IA3 computes another function (an output-side module with a bias)."""
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 
 import pytest
 import torch
-from helpers import IDS, logits, perturb, run_cli
+from helpers import IDS, logits, perturb, run_cli, train_and_resume
 
 from adaptedit.adapter import save_adapter
 from adaptedit.errors import AdapteditError
@@ -145,27 +144,8 @@ def test_inspect_reports_the_gain_distribution(tiny_llama, tmp_path):
 
 
 def test_train_moves_gains_and_resume_is_exact(tiny_llama, tmp_path):
-    from adaptedit import train as T
-    from test_train import chat_rows
-
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(16)))
-    save_adapter(build(resolve(str(tiny_llama)), InitOptions(method="ia3")), tmp_path / "ad")
-
-    def run(out, resume=False, **kw):
-        cfg, given = T.make_config({"data": str(data), **kw}, resume=resume)
-        return T.train(T.prepare(tmp_path / "ad", cfg, given=given, out=out, resume=resume))
-
-    s = run(tmp_path / "ref", steps=6, batch_size=4, lr=5e-2, save_every=3,
-            lr_schedule="constant")
+    s, a, b = train_and_resume(tiny_llama, tmp_path, InitOptions(method="ia3"))
     assert s["final_loss"] < s["first_loss"]
-    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step-000003",
-                    tmp_path / "cut" / "checkpoints" / "step-000003")
-    run(tmp_path / "cut", resume=True)
-    from safetensors.torch import load_file
-
-    a = load_file(str(tmp_path / "ref" / "adapter.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.layers.0.self_attn.k_proj.ia3_l"], torch.ones(16))
     assert torch.equal(a["model.layers.0.self_attn.k_proj.ia3_input"], torch.zeros(1))

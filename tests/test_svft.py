@@ -6,11 +6,10 @@ the reason, exact resume, inspect's ΔΣ figures."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from helpers import logits, run_cli
+from helpers import logits, run_cli, train_and_resume
 
 from adaptedit import linalg
 from adaptedit.adapter import save_adapter
@@ -100,29 +99,11 @@ def test_inspect_reports_dsigma(tiny_llama, tmp_path):
 
 
 def test_train_and_resume_exact(tiny_llama, tmp_path):
-    from adaptedit import train as T
-    from test_train import chat_rows
-
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(16)))
-    save_adapter(build(resolve(str(tiny_llama)), InitOptions(method="svft", rank=8)),
-                 tmp_path / "ad")
-
-    def run(out, resume=False, **kw):
-        cfg, given = T.make_config({"data": str(data), **kw}, resume=resume)
-        return T.train(T.prepare(tmp_path / "ad", cfg, given=given, out=out, resume=resume))
-
-    s = run(tmp_path / "ref", steps=6, batch_size=4, lr=5e-2, save_every=3,
-            lr_schedule="constant")
+    s, a, b = train_and_resume(tiny_llama, tmp_path, InitOptions(method="svft", rank=8))
     assert s["final_loss"] < s["first_loss"]
-    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step-000003",
-                    tmp_path / "cut" / "checkpoints" / "step-000003")
-    run(tmp_path / "cut", resume=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "ref" / "adapter.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "adapter.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = load_file(str(tmp_path / "ad" / "adapter.safetensors"))
     k = "model.layers.0.mlp.up_proj."
     assert torch.count_nonzero(a[k + "svft_m"]) > 0 and torch.equal(a[k + "svft_U"], start[k + "svft_U"])
