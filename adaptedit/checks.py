@@ -104,10 +104,12 @@ def peft_config_json(raw, path) -> None:
     fix = "fix the file (PEFT writes it with save_pretrained)"
     if not isinstance(raw, dict):
         raise AdapteditError(f"{path}: expected a JSON object, got {type(raw).__name__}; {fix}")
-    for key, kind, what in (("r", _is_int, "a positive integer"),
-                            ("lora_alpha", _is_num, "a finite number")):
-        if key in raw and not (kind(raw[key]) and raw[key] > 0):
-            _bad(path, key, raw[key], what, fix)
+    lora = str(raw.get("peft_type", "")).upper() == "LORA"
+    r = raw.get("r")  # OFT/BOFT: r = 0 means "sized by the block size"
+    if "r" in raw and not (_is_int(r) and (r > 0 if lora else r >= 0)):
+        _bad(path, "r", r, "a positive integer" if lora else "an integer ≥ 0", fix)
+    if "lora_alpha" in raw and not (_is_num(raw["lora_alpha"]) and raw["lora_alpha"] > 0):
+        _bad(path, "lora_alpha", raw["lora_alpha"], "a finite number", fix)
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if raw.get(key) is not None and not isinstance(raw[key], bool):
             _bad(path, key, raw[key], "true or false", fix)

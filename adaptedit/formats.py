@@ -27,7 +27,7 @@ def folder_format(folder: str | Path) -> str | None:
 
 
 def load_adapter(folder: str | Path) -> adapter.Adapter:
-    """Load a native adaptedit adapter, or import a PEFT LoRA/DoRA folder."""
+    """Load a native adaptedit adapter, or import a PEFT folder (LoRA/DoRA, OFT, HRA ...)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise AdapteditError(f"{folder}: no such adapter folder")

@@ -1,4 +1,4 @@
-"""PEFT LoRA folders in and out.
+"""PEFT folders in and out (LoRA/DoRA here; OFT, HRA ... through their method's PEFT mapping).
 
     PEFT_DIR/adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "target_modules",
                                           "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
@@ -19,7 +19,8 @@ Import. A LoRA/DoRA folder becomes an Adapter with method "lora" (B₀ = 0), ``s
 fingerprints (PEFT records none). A folder saved with an ``init_lora_weights`` that rewrites the base
 (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: :func:`adaptedit.methods.peft_init_rewrites_base`) is refused: its factors
 apply to W − s·B₀A₀, and the fix is PEFT's ``path_initial_model_for_weight_conversion``. Only safetensors weights are read; ``adapter_model.bin`` (pickle) is
-refused.
+refused. Any other PEFT type is read by the method whose mapping has ``read`` for it
+(:func:`adaptedit.methods.peft_reader`), given a :class:`PeftFolder`.
 """
 
 from __future__ import annotations
@@ -89,34 +90,118 @@ def export_peft(adapter: Adapter, out: Path, *, force: bool = False,
 
 
 def import_peft(folder: str | Path) -> Adapter:
-    """Read a PEFT LoRA/DoRA folder as an adaptedit Adapter (method "lora")."""
-    from safetensors.torch import load_file
+    """Read a PEFT adapter folder as an adaptedit Adapter: LoRA/DoRA (method "lora"), or a type
+    whose method's PEFT mapping can read it (OFT, HRA, BOFT: :class:`PeftFolder`)."""
+    src = PeftFolder(Path(folder))
+    return _import_lora(src) if src.reader is None else src.adapter(*src.reader)
 
-    folder = Path(folder)
-    cfg_path = folder / CONFIG
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapteditError(f"{cfg_path}: unreadable PEFT config ({e})") from None
-    checks.peft_config_json(cfg, cfg_path)
-    ptype = str(cfg.get("peft_type", "")).upper()
-    if ptype != "LORA":
-        raise AdapteditError(f"{cfg_path}: PEFT type {ptype or '(none)'} is not supported; "
-                             "adaptedit reads PEFT LoRA (and DoRA) adapters only")
-    wpath = folder / WEIGHTS
-    if not wpath.exists():
-        if (folder / "adapter_model.bin").exists():
-            raise AdapteditError(f"{folder}: only adapter_model.bin (pickle) is present; adaptedit "
-                                 "never unpickles. Re-save it with PEFT's save_pretrained("
-                                 "safe_serialization=True)")
-        raise AdapteditError(f"{folder}: {WEIGHTS} is missing; the PEFT adapter folder is incomplete (copy it again)")
-    try:
-        flat = load_file(str(wpath))
-    except Exception as e:
-        raise AdapteditError(f"{wpath}: unreadable ({str(e).splitlines()[0][:200]})") from None
-    if cfg.get("modules_to_save"):
-        raise AdapteditError(f"{cfg_path}: modules_to_save {cfg['modules_to_save']} (full copies "
-                             "of modules) is not supported; only LoRA factors are")
+
+class PeftFolder:
+    """A PEFT folder being imported: its config, its tensors (keys without ``base_model.model.``),
+    and, for the types whose tensors do not give every module's shape, the base it records."""
+
+    def __init__(self, folder: Path):
+        from safetensors.torch import load_file
+
+        self.folder, self.cfg_path = folder, folder / CONFIG
+        try:
+            cfg = json.loads(self.cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise AdapteditError(f"{self.cfg_path}: unreadable PEFT config ({e})") from None
+        checks.peft_config_json(cfg, self.cfg_path)
+        self.cfg = cfg
+        self.peft_type = str(cfg.get("peft_type", "")).upper()
+        self.reader = None  # (method name, its PEFT mapping) for the types other than LoRA
+        if self.peft_type != "LORA":
+            from adaptedit.methods import peft_reader
+
+            self.reader = peft_reader(self.peft_type)
+            if self.reader is None:
+                raise AdapteditError(f"{self.cfg_path}: PEFT type {self.peft_type or '(none)'} is "
+                                     "not supported; adaptedit reads PEFT LoRA/DoRA, OFT, BOFT and "
+                                     "HRA adapters")
+        wpath = self.wpath = folder / WEIGHTS
+        if not wpath.exists():
+            if (folder / "adapter_model.bin").exists():
+                raise AdapteditError(f"{folder}: only adapter_model.bin (pickle) is present; "
+                                     "adaptedit never unpickles. Re-save it with PEFT's "
+                                     "save_pretrained(safe_serialization=True)")
+            raise AdapteditError(f"{folder}: {WEIGHTS} is missing; the PEFT adapter folder is "
+                                 "incomplete (copy it again)")
+        try:
+            raw = load_file(str(wpath))
+        except Exception as e:
+            raise AdapteditError(f"{wpath}: unreadable ({str(e).splitlines()[0][:200]})") from None
+        self.flat = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
+        if cfg.get("modules_to_save"):
+            raise AdapteditError(f"{self.cfg_path}: modules_to_save {cfg['modules_to_save']} (full "
+                                 "copies of modules) is not supported; only adapter weights are")
+        self.base_ref = cfg.get("base_model_name_or_path") or ""
+        self._targets = None
+
+    def refuse(self, key: str, why: str):
+        """Raise the one-line refusal of a config key."""
+        raise AdapteditError(f"{self.cfg_path}: {key}={json.dumps(self.cfg.get(key))}: {why}")
+
+    def targets(self) -> dict:
+        """{module name: Target} of the recorded base (read from its headers, once)."""
+        if self._targets is None:
+            from adaptedit.models import resolve
+
+            try:
+                self._targets = {t.name: t for t in resolve(self.base_ref or None).targets}
+            except AdapteditError as e:
+                raise AdapteditError(
+                    f"{self.cfg_path}: PEFT's {self.peft_type} weights do not give the modules' "
+                    f"output sizes, so the base is read, but base_model_name_or_path "
+                    f"{self.base_ref!r} cannot be ({e}); set it to the base model's folder or hub "
+                    "id") from None
+        return self._targets
+
+    def target(self, name: str, in_features: int | None = None):
+        """The base's Linear module ``name`` (refused when absent, a Conv1D, or of another width)."""
+        t = self.targets().get(name)
+        if t is None:
+            raise AdapteditError(f"{self.wpath}: module {name} is not an adaptable module of base "
+                                 f"{self.base_ref}; was the adapter made for another model?")
+        if t.kind != "linear":
+            raise AdapteditError(f"{self.wpath}: module {name} of base {self.base_ref} is a "
+                                 f"{t.kind}, which PEFT's {self.peft_type} does not wrap")
+        if in_features is not None and t.in_features != in_features:
+            raise AdapteditError(f"{self.wpath}: module {name} has {in_features} inputs in the "
+                                 f"adapter but {t.in_features} in base {self.base_ref}; was the "
+                                 "adapter made for another model?")
+        return t
+
+    def base_record(self) -> dict:
+        ref = self.base_ref
+        is_dir = bool(ref) and Path(ref).expanduser().is_dir()
+        return {"ref": ref, "path": str(Path(ref).expanduser()) if is_dir else "",
+                "kind": "folder" if is_dir else "hub"}
+
+    def adapter(self, method: str, mapping) -> Adapter:
+        """The Adapter of a non-LoRA type, from ``mapping.read(self)`` → (modules, tensors, init)."""
+        modules, tensors, init = mapping.read(self)
+        if not modules:
+            raise AdapteditError(f"{self.wpath}: no {self.peft_type} weights found")
+        order = sorted(modules, key=_natural)
+        ranks = {modules[n].rank for n in order}
+        config = AdapterConfig(
+            method=method, rank=ranks.pop() if len(ranks) == 1 else 0, alpha=1.0,
+            base=self.base_record(), modules={n: modules[n] for n in order},
+            targets=",".join(sorted({n.rsplit(".", 1)[-1] for n in modules})), source="peft",
+            init={**init, "peft": {k: self.cfg.get(k) for k in sorted(self.cfg)
+                                   if k not in ("base_model_name_or_path", "auto_mapping")}})
+        ad = Adapter(config, {n: tensors[n] for n in order}, self.folder)
+        for name in order:
+            problem = ad.method.validate(tensors[name], modules[name])
+            if problem:
+                raise AdapteditError(f"{self.wpath}: {name} {problem}")
+        return ad
+
+
+def _import_lora(src: PeftFolder) -> Adapter:
+    cfg, cfg_path, wpath, flat = src.cfg, src.cfg_path, src.wpath, src.flat
     if cfg.get("lora_bias"):
         raise AdapteditError(f"{cfg_path}: lora_bias=true is not supported")
     init_value = cfg.get("init_lora_weights")
@@ -129,14 +214,13 @@ def import_peft(folder: str | Path) -> Adapter:
     tensors: dict = {}
     suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
                 ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
-    for key, value in flat.items():
-        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for k, value in flat.items():
         for suf, name in suffixes.items():
             if k.endswith(suf):
                 tensors.setdefault(k[: -len(suf)], {})[name] = value.float()
                 break
         else:
-            raise AdapteditError(f"{wpath}: tensor {key} is not a LoRA factor (embedding LoRA, "
+            raise AdapteditError(f"{wpath}: tensor {PREFIX}{k} is not a LoRA factor (embedding LoRA, "
                                  "biases and saved modules are not supported)")
     r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -166,18 +250,14 @@ def import_peft(folder: str | Path) -> Adapter:
                                    fingerprint="")
     if not modules:
         raise AdapteditError(f"{wpath}: no LoRA factors found")
-    base_ref = cfg.get("base_model_name_or_path") or ""
-    is_dir = bool(base_ref) and Path(base_ref).expanduser().is_dir()
     config = AdapterConfig(
-        method="lora", rank=r0, alpha=alpha0, dora=dora, rslora=rslora,
-        base={"ref": base_ref, "path": str(Path(base_ref).expanduser()) if is_dir else "",
-              "kind": "folder" if is_dir else "hub"},
+        method="lora", rank=r0, alpha=alpha0, dora=dora, rslora=rslora, base=src.base_record(),
         modules=modules, targets=",".join(sorted({n.rsplit(".", 1)[-1] for n in modules})),
         rank_pattern=dict(rank_pattern), source="peft",
         init={"peft": {k: cfg.get(k) for k in ("init_lora_weights", "lora_dropout",
                                                 "target_modules", "alpha_pattern")}},
     )
-    return Adapter(config, {n: tensors[n] for n in modules}, folder)
+    return Adapter(config, {n: tensors[n] for n in modules}, src.folder)
 
 
 def _natural(name: str):

@@ -39,6 +39,16 @@ def peft_init_rewrites_base(value) -> bool:
     return isinstance(value, str) and value.lower().startswith(PEFT_BASE_REWRITING_INITS)
 
 
+def peft_reader(peft_type: str):
+    """(method name, PEFT mapping) of the method whose mapping reads PEFT adapters of
+    ``peft_type`` (a mapping with ``read``), or None. LoRA folders are read by peft_io itself."""
+    for name, method in METHODS.items():
+        mapping = method.PEFT
+        if getattr(mapping, "peft_type", None) == peft_type and hasattr(mapping, "read"):
+            return name, mapping
+    return None
+
+
 # modifiers a method spec may add with "+NAME" (``init``'s flag of the same name)
 MODIFIERS = {"dora": dora}
 
