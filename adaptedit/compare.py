@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
+from adaptedit import compare_budget as budget
 from adaptedit import methods
 from adaptedit.atomic import check_output
+from adaptedit.compare_budget import match_params, trainable_count  # noqa: F401  (public here)
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.init import InitOptions
 
@@ -40,8 +42,9 @@ SETTINGS, RESULTS, SUMMARY = "compare.json", "results.jsonl", "summary.json"
 RUNS = "runs"
 # InitOptions fields a --method-option may set (the rest is the experiment's: method, seed, device)
 INIT_KEYS = tuple(f.name for f in fields(InitOptions) if f.name not in ("method", "dora", "seed",
-                                                                         "device"))
+                                                                         "device", "options"))
 OPTION_KEYS = INIT_KEYS + ("lr",)
+RANK_OPTIONS = {"block_size"}  # method options that fix the size instead of the rank (OFT)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class CompareOptions:
     test_data: str | None = None
     retain_data: str | None = None
     methods: list = field(default_factory=lambda: ["lora"])
-    rank: int = 16
+    rank: int | None = None  # None: each method's default (init's); refused for unranked methods
     alpha: float | None = None  # None: each method's default
     lrs: list | None = None  # None: each method's default learning rate
     seeds: list = field(default_factory=lambda: [0])
@@ -91,12 +94,16 @@ class RunSpec:
     def commands(self, base: str, folder: Path) -> dict:
         """The two commands this run is equal to."""
         i = self.init
-        ini = [f"adaptedit init {base} --method {i['method']}" + (" --dora" if i["dora"] else ""),
-               f"--rank {i['rank']}", f"--seed {i['seed']}"]
+        ini = [f"adaptedit init {base} --method {i['method']}" + (" --dora" if i["dora"] else "")]
+        if i["rank"] is not None:
+            ini.append(f"--rank {i['rank']}")
+        ini.append(f"--seed {i['seed']}")
         defaults = InitOptions()
         for k in INIT_KEYS:
             if k != "rank" and i[k] != getattr(defaults, k) and i[k] is not None:
                 ini.append(f"--{k.replace('_', '-')}" + ("" if i[k] is True else f" {i[k]}"))
+        for k, v in (i.get("options") or {}).items():  # the method's own options (init's flags)
+            ini.append(f"--{k.replace('_', '-')} {v}")
         tr = [f"adaptedit train {folder}"] + [f"--{k.replace('_', '-')} {v}"
                                               for k, v in self.train.items() if v is not None]
         return {"init": " ".join(ini) + f" -o {folder}", "train": " ".join(tr)}
@@ -106,7 +113,8 @@ class RunSpec:
 
 
 def parse_method_options(items: list, specs: list) -> dict:
-    """["pissa:lr=2e-5,5e-5", "delora:delora_lambda=10"] → {spec: {key: value}}."""
+    """["pissa:lr=2e-5,5e-5", "oft:block_size=16"] → {spec: {key: value}}; a key of the method's
+    own ``OPTIONS`` (init's flag of that name) goes under "options"."""
     out: dict = {s: {} for s in specs}
     types = {f.name: f.type for f in fields(InitOptions)}
     for item in items:
@@ -119,11 +127,18 @@ def parse_method_options(items: list, specs: list) -> dict:
         if head not in out:
             raise UsageError(f"--method-option {item!r}: {head} is not in --methods "
                              f"({', '.join(specs)}); add it there or drop the option")
-        if key not in OPTION_KEYS:
+        own = methods.get(methods.parse_spec(head)[0])
+        if key not in OPTION_KEYS and key not in own.OPTIONS:
+            known = OPTION_KEYS + tuple(own.OPTIONS)
             raise UsageError(f"--method-option {item!r}: unknown key {key!r}; known: "
-                             f"{', '.join(OPTION_KEYS)}")
+                             f"{', '.join(known)}")
+        if key in ("rank", "rank_pattern") and not own.RANKED:
+            raise UsageError(f"--method-option {item!r}: {own.name} has no rank; drop the option")
         try:
-            if key == "lr":
+            if key in own.OPTIONS and key not in OPTION_KEYS:
+                out[head].setdefault("options", {})[key] = _option_value(value,
+                                                                         own.OPTIONS[key])
+            elif key == "lr":
                 out[head][key] = parse_floats(value, "--method-option lr")
             elif "bool" in types[key]:
                 if value.lower() not in ("true", "false", "1", "0"):
@@ -138,6 +153,23 @@ def parse_method_options(items: list, specs: list) -> dict:
         except ValueError:
             raise UsageError(f"--method-option {item!r}: {value!r} is not a valid {key}") from None
     return out
+
+
+def _option_value(text: str, default):
+    """A method option's value, typed like its default (int, float, str; None: a number)."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError
+        return text.lower() in ("true", "1")
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, str):
+        return text
+    number = float(text)
+    return int(number) if number == int(number) and "." not in text and "e" not in text.lower() \
+        else number
 
 
 def parse_floats(text: str, name: str) -> list:
@@ -175,8 +207,15 @@ def validate(opts: CompareOptions) -> None:
         raise UsageError("--lr: empty list; give at least one value, e.g. --lr 1e-4,3e-4")
     if opts.budget not in ("rank", "params"):
         raise UsageError(f"--budget {opts.budget!r}: use rank or params")
-    if opts.rank < 1:
+    if opts.rank is not None and opts.rank < 1:
         raise UsageError(f"--rank {opts.rank}: must be a positive integer")
+    if opts.rank is not None:  # an explicit rank is applied or refused, never ignored
+        for spec in specs:
+            name = methods.parse_spec(spec)[0]
+            if not methods.get(name).RANKED:
+                raise UsageError(f"--rank does not apply to {name} (it has no rank); drop --rank "
+                                 "(each method then has its default) or give the ranked methods "
+                                 "theirs with --method-option METHOD:rank=R")
     if opts.jobs < 1:
         raise UsageError("--jobs must be ≥ 1")
     if opts.jobs > 1 and (not torch.cuda.is_available() or torch.cuda.device_count() < opts.jobs):
@@ -204,26 +243,37 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
                       save_every=opts.save_every if opts.save_every is not None
                       else (opts.eval_every or None), device=opts.device, dtype=opts.dtype)
     T.make_config({**base_train, "lr": 1.0, "seed": 0})  # train's own checks, before any run
-    info, runs, target = {}, [], None
+    info, runs, target, first = {}, [], None, None
     for spec in specs:
         name, flags = methods.parse_spec(spec)
+        method = methods.get(name)
         extra = {k: v for k, v in mopts[spec].items() if k != "lr"}
         init_kw = {**{k: getattr(InitOptions(), k) for k in INIT_KEYS}, "alpha": opts.alpha,
                    "targets": opts.targets, "svd": opts.svd, "rank": opts.rank, **extra,
                    "method": name, "dora": flags.get("dora", False), "device": opts.device}
+        init_kw.setdefault("options", {})
         probe = InitOptions(**{**init_kw, "seed": 0})
-        targets, _ = I.plan(source, probe)  # unknown targets, rank > min(out, in): refused here
+        targets, ranks = I.plan(source, probe)  # unknown targets, rank > min(out, in): refused
         params = trainable_count(targets, probe)
-        if opts.budget == "params" and "rank" not in extra:
-            if target is None:
-                target = params
-            else:
-                init_kw["rank"], params = match_params(targets, probe, target)
-                I.plan(source, InitOptions(**{**init_kw, "seed": 0}))
-        elif target is None:
-            target = params
+        matched = (opts.budget == "params" and target is not None and method.RANKED
+                   and "rank" not in extra and not init_kw["options"].keys() & RANK_OPTIONS)
+        if matched:
+            init_kw["rank"], params = match_params(targets, probe, target)
+            I.plan(source, InitOptions(**{**init_kw, "seed": 0}))
+        if opts.budget == "params" and target is not None:
+            budget.check(spec, method.RANKED, params, target, first, init_kw["rank"])
+        if target is None:
+            target, first = params, spec
+        rank = init_kw["rank"]
+        if rank is None and method.RANKED and len(set(ranks.values())) == 1:
+            rank = next(iter(ranks.values()))  # the method's default, as init records it
         lrs = mopts[spec].get("lr") or opts.lrs or [T.method_lr(name)]
-        info[spec] = {"rank": init_kw["rank"], "params": params, "lrs": lrs}
+        info[spec] = {"rank": rank if method.RANKED else None, "params": params, "lrs": lrs}
+        if opts.budget == "params":
+            info[spec]["budget"] = {"target": target, "ratio": params / target if target else None,
+                                    "how": "sets the budget" if spec == first else
+                                    "matched rank" if matched else
+                                    "fixed (no rank)" if not method.RANKED else "rank given"}
         for lr in lrs:
             for seed in opts.seeds:
                 run_id = f"{spec}_lr{lr:g}_seed{seed}"
@@ -231,56 +281,6 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
                             if v is not None and k not in ("device",)}
                 runs.append(RunSpec(run_id, spec, seed, lr, {**init_kw, "seed": seed}, train_kw))
     return runs, info
-
-
-def trainable_count(targets, opts: InitOptions) -> int:
-    """Trainable parameters of ``opts``'s adapter on ``targets``, from θ₀ of one module per shape
-    and module type (computed by the method's own init on a zero matrix, with the options its
-    ``plan`` resolves, so any method of the registry is counted)."""
-    from adaptedit.errors import AdapteditError
-    from adaptedit.init import scaling_for
-
-    method = methods.resolve(opts.method, opts.dora)
-    capped = {t.name: min(opts.rank, t.out_features, t.in_features) for t in targets}
-    try:  # the method's own rank rule first (VeRA: one rank, not bounded by the shapes)
-        ranks, options = method.plan(targets, {t.name: opts.rank for t in targets},
-                                     dict(method.OPTIONS), True)
-    except AdapteditError:
-        ranks, options = method.plan(targets, capped, dict(method.OPTIONS), True)
-    groups: dict = {}
-    for t in targets:
-        groups.setdefault((t.out_features, t.in_features, t.module_type), []).append(t)
-    total = 0
-    for (o, i, _), members in groups.items():
-        rank = ranks[members[0].name]
-        alpha = opts.alpha if opts.alpha is not None else method.default_alpha(rank)
-        scaling = scaling_for(alpha, rank, opts.rslora) if method.SCALED else 1.0
-        theta = method.init(torch.zeros(1, o, i), {
-            **options, "rank": rank, "scaling": scaling,
-            "generator": torch.Generator().manual_seed(0), "svd": "full", "niter": 0,
-            "oversample": 0, "delora_lambda": opts.delora_lambda, "names": [members[0].name]})
-        total += len(members) * sum(theta[k][0].numel() for k in method.TRAINABLE)
-    return total
-
-
-def match_params(targets, opts: InitOptions, goal: int) -> tuple[int, int]:
-    """The rank whose trainable count is closest to ``goal`` (ties: the smaller rank)."""
-    from dataclasses import replace
-
-    top = min(min(t.out_features, t.in_features) for t in targets)
-    count = {}
-
-    def c(r):
-        if r not in count:
-            count[r] = trainable_count(targets, replace(opts, rank=r))
-        return count[r]
-
-    lo, hi = 1, top
-    while lo < hi:  # smallest r with c(r) ≥ goal (counts grow with r)
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if c(mid) < goal else (lo, mid)
-    best = min((r for r in (lo - 1, lo) if r >= 1), key=lambda r: (abs(c(r) - goal), r))
-    return best, c(best)
 
 
 def settings_record(opts: CompareOptions, info: dict, runs: list) -> dict:

@@ -37,7 +37,7 @@ def compare(
     test_data: str = typer.Option(None, "--test-data", help="Test data: loss and exact match of every run (never used to choose)."),
     retain_data: str = typer.Option(None, "--retain-data", help="General text: forgetting = retain loss − the base model's."),
     methods_: str = typer.Option("lora,pissa", "--methods", "-m", help="Comma list of init's methods, each optionally +dora (e.g. lora,pissa,lora+dora)."),
-    rank: int = typer.Option(16, "--rank", "-r", help="Rank of every method (--budget params adapts it)."),
+    rank: int = typer.Option(None, "--rank", "-r", help="Rank of every method (default: each method's own, as init; refused when a method has no rank, e.g. ia3, road; --budget params adapts it)."),
     alpha: float = typer.Option(None, "--alpha", help="α for every method (default: each method's)."),
     lr: str = typer.Option(None, "--lr", help="Comma list of learning rates (default: each method's)."),
     seeds: str = typer.Option("0", "--seeds", help="Comma list of seeds (data order and random init)."),
@@ -49,7 +49,7 @@ def compare(
     save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (default: --eval-every, else 100)."),
     lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine | linear | constant."),
     warmup: float = typer.Option(0.0, "--warmup", help="Warmup steps (≥ 1) or fraction (< 1)."),
-    budget: str = typer.Option("rank", "--budget", help="rank: one rank; params: ranks matched to the first method's parameter count."),
+    budget: str = typer.Option("rank", "--budget", help="rank: one rank; params: ranks matched to the first method's parameter count (a method that cannot come within ±20%, e.g. one without a rank, is refused)."),
     method_option: list[str] = typer.Option(None, "--method-option", help="METHOD:KEY=VALUE, e.g. pissa:lr=2e-5,5e-5 or delora:delora_lambda=10 (repeatable)."),
     targets: str = TARGETS,
     svd: str = typer.Option("full", "--svd", help="SVD of PiSSA's init: full (exact, shared by all runs) | randomized | auto."),
@@ -102,6 +102,14 @@ def compare(
                  f"results.jsonl, PNGs in {out})")
 
 
+def _size(v: dict) -> str:
+    """"r=8 (1,234 params)", "no rank (1,234 params)", with the budget ratio under --budget params."""
+    head = f"r={v['rank']}" if v["rank"] is not None else "no rank"
+    b = v.get("budget")
+    tail = f", {b['ratio']:.2f}× budget: {b['how']}" if b and b.get("ratio") is not None else ""
+    return f"{head} ({v['params']:,} params{tail})"
+
+
 class LiveTable:
     """Runs done / running / left with an ETA, on stderr (a live table on a terminal, else one
     line per run and every ~10 s of steps)."""
@@ -133,7 +141,7 @@ class LiveTable:
         if event == "plan":
             self.total, self.done, self.left = len(info["runs"]), info["done"], info["todo"]
             console.err.print(f"compare: {self.total} runs ({info['done']} already done), "
-                              + ", ".join(f"{k} r={v['rank']} ({v['params']:,} params) lr "
+                              + ", ".join(f"{k} {_size(v)} lr "
                                           + "/".join(f"{x:g}" for x in v["lrs"])
                                           for k, v in info["methods"].items()),
                               highlight=False, soft_wrap=True)

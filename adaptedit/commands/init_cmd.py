@@ -43,6 +43,9 @@ def init(
     block_size: int = typer.Option(None, "--block-size", help="OFT: size b of each rotated block (default PEFT's 32, or the largest size dividing every targeted module)."),
     coft_eps: float = typer.Option(None, "--coft-eps", help="OFT: constrained variant (COFT), ‖Q‖ ≤ ε/√blocks per block."),
     hra_lambda: float = typer.Option(None, "--hra-lambda", help="HRA: weight λ of the orthogonality regulariser λ‖I − ÛᵀÛ‖² added to the training loss."),
+    svft_pattern: str = typer.Option(None, "--svft-pattern", help="SVFT: the sparsity of M in ΔW = U M Vᵀ: plain (diagonal: ΔΣ only; default), banded (--svft-off-diagonals), random (--svft-random-k per row, drawn from --seed)."),
+    svft_off_diagonals: int = typer.Option(None, "--svft-off-diagonals", help="SVFT banded: d diagonals on each side of M's diagonal (default 2)."),
+    svft_random_k: int = typer.Option(None, "--svft-random-k", help="SVFT random: k random entries in every row of M (default 5)."),
     device: str = DEVICE,
     out: Path = typer.Option(..., "--out", "-o", help="Adapter folder to write."),
     force: bool = FORCE,
@@ -61,7 +64,11 @@ def init(
                        oversample=oversample, energy_floor=energy_floor, seed=seed, device=device,
                        delora_lambda=delora_lambda,
                        options={k: v for k, v in (("block_size", block_size), ("coft_eps", coft_eps),
-                                                  ("hra_lambda", hra_lambda)) if v is not None})
+                                                  ("hra_lambda", hra_lambda),
+                                                  ("svft_pattern", svft_pattern),
+                                                  ("svft_off_diagonals", svft_off_diagonals),
+                                                  ("svft_random_k", svft_random_k))
+                                if v is not None})
     source = resolve(model, trust_remote_code=trust_remote_code, quiet=console.quiet())
     check_output(out, force, inputs=model_inputs(source))
     start = time.perf_counter()
