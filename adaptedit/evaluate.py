@@ -2,7 +2,7 @@
 
 Loss. The file is read, checked, tokenized and masked by :mod:`adaptedit.data` exactly as ``train``
 reads its ``--eval-data``, and the loss is computed by ``train``'s own code
-(:class:`adaptedit.train.TrainedPositions` + :func:`adaptedit.train.loss_sum`):
+(:class:`adaptedit.loss.TrainedPositions` + :func:`adaptedit.loss.loss_sum`):
 
     loss = Σ_rows Σ_{t trained} −log p(x_t | x_<t)  /  #trained tokens
 
@@ -193,19 +193,19 @@ def generate(model, tokenizer, batch: list[Item], max_new_tokens: int, device) -
 
 def loss_totals(model, data: D.TokenizedData, batch_size: int, device, dtype) -> tuple[float, int]:
     """(Σ cross-entropy, #trained tokens) over ``data`` in file order, by train's loss code."""
-    from adaptedit.train import TrainedPositions, _autocast, loss_sum
+    from adaptedit.devices import autocast
+    from adaptedit.loss import TrainedPositions, loss_sum, trained_tokens
 
     positions = TrainedPositions(model)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
-    spec = (device.type, dtype) if dtype != torch.float32 else None
     try:
-        with torch.no_grad(), _autocast(spec):
+        with torch.no_grad(), autocast(device, dtype):
             for batch in D.batches(data, batch_size, 0):
                 total += loss_sum(model, positions, batch, device).double()
-                n += int((batch["labels"][:, 1:] != D.IGNORE).sum())
+                n += trained_tokens(batch)
     finally:
         positions.handle.remove()
         model.train(was_training)
@@ -213,7 +213,7 @@ def loss_totals(model, data: D.TokenizedData, batch_size: int, device, dtype) ->
 
 
 def _max_length(opts: EvalOptions) -> int:
-    from adaptedit.train import TrainConfig
+    from adaptedit.train_config import TrainConfig
 
     return opts.max_length if opts.max_length is not None else TrainConfig.max_length
 
@@ -288,7 +288,7 @@ def load(ref: str, *, base: str | None = None, device: str = "auto", dtype: str 
     from adaptedit.formats import load_adapter
     from adaptedit.layer import attach
     from adaptedit.models import resolve
-    from adaptedit.train import Dist, pick_device, pick_dtype
+    from adaptedit.devices import Dist, pick_device, pick_dtype
 
     dev = pick_device(device, Dist())
     dt = pick_dtype(dtype, dev)

@@ -14,6 +14,7 @@ import torch
 
 from adaptedit import checks, methods
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
+from adaptedit.devices import resolve_device
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import fingerprint, top_energy
 from adaptedit.models import ModelSource
@@ -45,16 +46,6 @@ class InitOptions:
     delora_lambda: float = 15.0
     options: dict = field(default_factory=dict)  # the method's own options given (OPTIONS keys)
     energy_floor: float = ENERGY_FLOOR  # randomized SVD: least captured energy of every module
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AdapteditError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UsageError(f"--device {device!r}: use auto, cpu or cuda")
-    return torch.device(device)
 
 
 def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str, int]]:

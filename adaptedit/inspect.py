@@ -325,24 +325,13 @@ def _cheap_point(w: torch.Tensor, delta: dict | None) -> dict:
     return {"fro": fro, "delta_m": dm, "delta_d": dd}
 
 
-def checkpoint_dirs(folder: Path) -> list[Path]:
-    """ADAPTER_DIR/checkpoints/step-NNNNNN folders that hold a complete adapter, oldest first."""
-    from adaptedit.adapter import CONFIG_NAME, TENSORS_NAME
-
-    root = Path(folder) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d{6,}", p.name)
-             and (p / CONFIG_NAME).exists() and (p / TENSORS_NAME).exists()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | None = None,
                      trajectory: bool = False, progress=None, trust_remote_code: bool = False
                      ) -> dict:
     """Analyse the first adapter in full; with ``trajectory`` (its training checkpoints) or several
     adapters, also ‖ΔW‖, ΔM and ΔD at every point. Returns the report dict."""
     from adaptedit.binding import base_for, check_weight, recorded_targets
+    from adaptedit.checkpoints import checkpoint_dirs
     from adaptedit.formats import load_adapter
     from adaptedit.models import resolve
 

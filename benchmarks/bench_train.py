@@ -75,20 +75,20 @@ def one(impl: str, method: str, steps: int, warmup: int, rank: int) -> dict:
         def step_loss():
             return model(**data).loss
     else:
-        from adaptedit import train as T
         from adaptedit.init import InitOptions, build
         from adaptedit.layer import attach, trainable_parameters
+        from adaptedit.loss import TrainedPositions, loss_sum
 
         m = "lora" if method == "dora" else method
         adapter = build(source, InitOptions(method=m, rank=rank, dora=method == "dora",
                                             svd="randomized" if m == "pissa" else "auto"))
         attach(model, adapter)
         params = trainable_parameters(model)
-        positions = T.TrainedPositions(model)
+        positions = TrainedPositions(model)
         n = (data["labels"][:, 1:] != -100).sum()
 
         def step_loss():
-            return T.loss_sum(model, positions, data, torch.device("cpu")) / n
+            return loss_sum(model, positions, data, torch.device("cpu")) / n
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
     times = []

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from adaptedit import train as T
+from adaptedit import train as training
+from adaptedit.train_config import make_config
 from adaptedit.adapter import save_adapter
 from adaptedit.evaluate import EvalOptions, as_number, evaluate, extract_answer, score
 from adaptedit.init import InitOptions, build
@@ -71,9 +72,9 @@ def trained(tmp_path_factory, tiny_llama):
     for name, n, seed in (("train.jsonl", 16, 0), ("valid.jsonl", 6, 1)):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows(n, seed)))
     save_adapter(build(resolve(str(tiny_llama)), InitOptions(method="pissa", rank=4)), d / "ad")
-    cfg, given = T.make_config({"data": str(d / "train.jsonl"), "eval_data": str(d / "valid.jsonl"),
+    cfg, given = make_config({"data": str(d / "train.jsonl"), "eval_data": str(d / "valid.jsonl"),
                                 "steps": 3, "batch_size": 4, "lr": 1e-2, "save_every": 0})
-    summary = T.train(T.prepare(d / "ad", cfg, given=given))
+    summary = training.train(training.prepare(d / "ad", cfg, given=given))
     return d, summary
 
 

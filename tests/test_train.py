@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptedit import train as T
+from adaptedit import train as training
+from adaptedit.checkpoints import STATE_JSON, STATE_TENSORS, checkpoint_dirs
+from adaptedit.loss import TrainedPositions, loss_sum
+from adaptedit.train_config import lr_at, make_config, same_file
 from adaptedit.adapter import save_adapter
 from adaptedit.formats import load_adapter
 from adaptedit.data import IGNORE, collate
@@ -54,9 +57,9 @@ def make_adapter(tiny_llama, folder, **kw):
 
 
 def run_train(folder, data, out=None, resume=False, **kw):
-    cfg, given = T.make_config({"data": str(data), "save_every": 0, **kw}, resume=resume)
-    run = T.prepare(folder, cfg, given=given, out=out, resume=resume)
-    return T.train(run)
+    cfg, given = make_config({"data": str(data), "save_every": 0, **kw}, resume=resume)
+    run = training.prepare(folder, cfg, given=given, out=out, resume=resume)
+    return training.train(run)
 
 
 def tensors(folder):
@@ -82,17 +85,17 @@ def test_loss_on_trained_positions_equals_transformers_loss(tiny_llama, work):
     n = int((batch["labels"][:, 1:] != IGNORE).sum())
     with torch.no_grad():
         ref = model(**batch).loss * n  # transformers: mean over non-ignored shifted labels
-        positions = T.TrainedPositions(model)
-        got = T.loss_sum(model, positions, batch, torch.device("cpu"))
+        positions = TrainedPositions(model)
+        got = loss_sum(model, positions, batch, torch.device("cpu"))
     assert torch.allclose(got, ref, rtol=1e-5), (got, ref)
 
 
 def test_lr_schedule():
-    lrs = [T.lr_at(s, 10, 1.0, "cosine", 2) for s in range(10)]
+    lrs = [lr_at(s, 10, 1.0, "cosine", 2) for s in range(10)]
     assert lrs[:3] == [1 / 3, 2 / 3, 1.0] and all(a > b for a, b in zip(lrs[2:], lrs[3:]))
     assert lrs[-1] > 0
-    assert [T.lr_at(s, 4, 1.0, "linear", 0) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
-    assert T.lr_at(7, 10, 0.5, "constant", 0) == 0.5
+    assert [lr_at(s, 4, 1.0, "linear", 0) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert lr_at(7, 10, 0.5, "constant", 0) == 0.5
 
 
 @pytest.mark.parametrize("method,dora", [("lora", False), ("pissa", False), ("milora", False),
@@ -133,14 +136,14 @@ def reference(work):
 
 
 def test_checkpoint_layout(reference):
-    steps = [p.name for p in T.checkpoint_dirs(reference)]
+    steps = [p.name for p in checkpoint_dirs(reference)]
     assert steps == ["step-000003", "step-000006", "step-000009"]
     for name in steps:
         ck = reference / "checkpoints" / name
         assert {p.name for p in ck.iterdir()} == {"adaptedit.json", "adapter.safetensors",
-                                                  T.STATE_JSON, T.STATE_TENSORS}
+                                                  STATE_JSON, STATE_TENSORS}
         load_adapter(ck)  # each checkpoint is a native adapter folder
-        st = json.loads((ck / T.STATE_JSON).read_text())
+        st = json.loads((ck / STATE_JSON).read_text())
         assert st["step"] == int(name[5:]) and st["position"] == st["step"] * 4
     assert torch.equal(tensors(reference)["model.layers.0.self_attn.q_proj.lora_B"],
                        tensors(reference / "checkpoints/step-000009")[
@@ -170,7 +173,7 @@ def test_sigkill_then_resume_is_bit_identical(work, reference):
     _wait_for(out / "checkpoints" / "step-000003", proc)
     proc.kill()
     proc.wait()
-    done = T.checkpoint_dirs(out)
+    done = checkpoint_dirs(out)
     assert done and int(done[-1].name[5:]) < 9
     run_train(work / "lora", work / "train.jsonl", out=out, resume=True)
     ref, got = tensors(reference), tensors(out)
@@ -201,16 +204,16 @@ def test_ctrl_c_saves_the_exact_state(work, sig):
     assert found and b"--resume" in err, err
     step = int(found[1])
     assert 3 <= step < 100_000
-    last = T.checkpoint_dirs(out)[-1]
+    last = checkpoint_dirs(out)[-1]
     assert last.name == f"step-{step:06d}"
     ref = work / f"uninterrupted-{int(sig)}"
     run_train(work / "lora", work / "train.jsonl", out=ref, steps=step, batch_size=4, lr=1e-2,
               lr_schedule="constant", save_every=step)
     ref_ck = ref / "checkpoints" / last.name
-    for name in ("adapter.safetensors", T.STATE_TENSORS):  # weights, and the optimizer state
+    for name in ("adapter.safetensors", STATE_TENSORS):  # weights, and the optimizer state
         a, b = load_file(str(ref_ck / name)), load_file(str(last / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert json.loads((last / T.STATE_JSON).read_text())["step"] == step
+    assert json.loads((last / STATE_JSON).read_text())["step"] == step
 
 
 def test_resume_refuses_changed_options_and_missing_checkpoints(work, reference, tmp_path):
@@ -228,10 +231,10 @@ def test_resume_refuses_changed_options_and_missing_checkpoints(work, reference,
 
 def test_data_paths_are_recorded_absolute_so_resume_works_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg, given = T.make_config({"data": "d/train.jsonl", "eval_data": "d/valid.jsonl"})
+    cfg, given = make_config({"data": "d/train.jsonl", "eval_data": "d/valid.jsonl"})
     assert cfg.data == str(tmp_path / "d/train.jsonl") and "data" in given
     assert cfg.eval_data == str(tmp_path / "d/valid.jsonl")
-    assert T._same_file(cfg.data, str(tmp_path / "d" / ".." / "d" / "train.jsonl"))
+    assert same_file(cfg.data, str(tmp_path / "d" / ".." / "d" / "train.jsonl"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(work, tmp_path):
@@ -242,15 +245,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(work, tmp_path):
     msg = str(e.value)
     assert "is nan at step" in msg or "is inf at step" in msg
     assert "lower --lr" in msg and "the last checkpoint" in msg
-    last = T.checkpoint_dirs(out)[-1]
+    last = checkpoint_dirs(out)[-1]
     assert torch.equal(tensors(out)["model.layers.0.self_attn.q_proj.lora_A"],
                        tensors(last)["model.layers.0.self_attn.q_proj.lora_A"])
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["error"]
 
 
 def test_injected_nan_gradient_stops(work, tmp_path, monkeypatch):
-    real = T.loss_sum
-    monkeypatch.setattr(T, "loss_sum", lambda *a: real(*a) * float("nan"))
+    real = training.loss_sum
+    monkeypatch.setattr(training, "loss_sum", lambda *a: real(*a) * float("nan"))
     with pytest.raises(AdapteditError, match="loss is nan at step 1 .*adapter folder is unchanged"):
         run_train(work / "lora", work / "train.jsonl", out=tmp_path / "x", steps=3, batch_size=4)
 

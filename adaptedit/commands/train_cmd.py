@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,7 +53,9 @@ def train(
     quiet: bool = QUIET,
 ):
     """Fine-tune the adapter on a data file; the base model stays frozen and untouched."""
-    from adaptedit import train as T
+    from adaptedit import train as training
+    from adaptedit.devices import Dist
+    from adaptedit.train_config import make_config
 
     console.configure(quiet=quiet, json_mode=json_)
     cli = dict(data=data, eval_data=eval_data, eval_split=eval_split, steps=steps, epochs=epochs,
@@ -60,23 +64,25 @@ def train(
                max_grad_norm=max_grad_norm, mask_prompt=mask_prompt, device=device, dtype=dtype,
                grad_checkpointing=grad_checkpointing, eval_every=eval_every, save_every=save_every,
                seed=seed, chat_template=chat_template, skip_bad_rows=skip_bad_rows)
-    cfg, given = T.make_config(cli, config, resume=resume)  # --resume takes the rest from the run
+    cfg, given = make_config(cli, config, resume=resume)  # --resume takes the rest from the run
     if show_example:
         _show_example(adapter_dir, cfg, json_)
         return
-    run = T.prepare(adapter_dir, cfg, given=given, out=out, resume=resume)
-    dist = T.Dist()
+    run = training.prepare(adapter_dir, cfg, given=given, out=out, resume=resume)
+    dist = Dist()
     if quiet or json_ or not dist.main:
         reporter = Reporter(live=False, verbose=False)
     else:
         reporter = Reporter(live=console.err.is_terminal, verbose=True)
+    stop = StopOnSignal()
     try:
-        summary = T.train(run, reporter)
-    except T.Interrupted as e:
+        with stop:
+            summary = training.train(run, reporter, stop=stop)
+    except training.Interrupted as e:
         reporter.close()
         console.warn(f"interrupted at step {e.step}: checkpoint saved in {e.path}; continue with "
                      f"`adaptedit train {adapter_dir}{' -o ' + str(out) if out else ''} --resume`")
-        sys.exit(128 + e.signum)  # 130 after Ctrl-C, 143 after SIGTERM
+        sys.exit(128 + stop.signum)  # 130 after Ctrl-C, 143 after SIGTERM
     finally:
         reporter.close()
     if not dist.main:
@@ -92,6 +98,36 @@ def train(
             v = f"{v:.4f}" if k.endswith("loss") else f"{v:,.1f}"
         table.add_row(k, "–" if v is None else str(v))
     console.show(table)
+
+
+class StopOnSignal:
+    """The ``stop`` callback of a run: the first SIGINT/SIGTERM asks the loop to save a checkpoint
+    and stop at the next step; a second one interrupts at once. Handlers are installed only while
+    the ``with`` block runs (and only on the main thread), then the previous ones are back."""
+
+    def __init__(self):
+        self.requested = False
+        self.signum = signal.SIGINT
+        self.old = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+        self.old = {}
 
 
 def _fmt_time(s: float) -> str:
@@ -179,21 +215,21 @@ class Reporter:
 
 
 def _show_example(adapter_dir: Path, cfg, json_: bool) -> None:
-    from adaptedit import data as D
+    from adaptedit import data
     from adaptedit.binding import base_for
     from adaptedit.formats import load_adapter
 
     adapter = load_adapter(adapter_dir)
     tok = base_for(adapter, None).tokenizer()
     if cfg.chat_template:
-        D.set_chat_template(tok, Path(cfg.chat_template))
-    d = D.load(Path(cfg.data), tok, max_length=cfg.max_length, mask_prompt=cfg.mask_prompt,
-               skip_bad_rows=cfg.skip_bad_rows, limit=1)
-    ids, trained = d.example(0)
+        data.set_chat_template(tok, Path(cfg.chat_template))
+    example = data.load(Path(cfg.data), tok, max_length=cfg.max_length,
+                        mask_prompt=cfg.mask_prompt, skip_bad_rows=cfg.skip_bad_rows, limit=1)
+    ids, trained = example.example(0)
     ids, trained = ids.tolist(), trained.tolist()
     pieces = [tok.decode([i]) for i in ids]
     if json_:
-        console.emit_json({"format": d.stats.format, "tokens": len(ids),
+        console.emit_json({"format": example.stats.format, "tokens": len(ids),
                            "trained_tokens": sum(trained[1:]),
                            "input_ids": ids, "labels": [i if t else -100 for i, t in zip(ids, trained)],
                            "pieces": pieces})
@@ -205,7 +241,7 @@ def _show_example(adapter_dir: Path, cfg, json_: bool) -> None:
         closing = t and (j + 1 == len(trained) or not trained[j + 1])
         s = ("⟦" if plain and opening else "") + piece + ("⟧" if plain and closing else "")
         text.append(s, style="bold black on green" if t else "dim")
-    console.show(Text(f"{d.stats.format} example from {cfg.data}: {len(ids)} tokens, "
+    console.show(Text(f"{example.stats.format} example from {cfg.data}: {len(ids)} tokens, "
                       f"{sum(trained[1:])} trained (highlighted{', ⟦…⟧' if plain else ''}); the "
                       f"rest has label -100" + ("" if cfg.mask_prompt else " (none: --no-mask-prompt)"),
                       style="bold"))
