@@ -232,7 +232,7 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
 
     Returns (runs, per-method info {spec: {rank, params, lrs}})."""
     from adaptedit import init as I
-    from adaptedit import train as T
+    from adaptedit.train_config import make_config, method_lr
 
     validate(opts)
     specs = [methods.spec_name(*methods.parse_spec(s)) for s in opts.methods]
@@ -242,7 +242,7 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
                       lr_schedule=opts.lr_schedule, warmup=opts.warmup, eval_every=opts.eval_every,
                       save_every=opts.save_every if opts.save_every is not None
                       else (opts.eval_every or None), device=opts.device, dtype=opts.dtype)
-    T.make_config({**base_train, "lr": 1.0, "seed": 0})  # train's own checks, before any run
+    make_config({**base_train, "lr": 1.0, "seed": 0})  # train's own checks, before any run
     info, runs, target, first = {}, [], None, None
     for spec in specs:
         name, flags = methods.parse_spec(spec)
@@ -267,7 +267,7 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
         rank = init_kw["rank"]
         if rank is None and method.RANKED and len(set(ranks.values())) == 1:
             rank = next(iter(ranks.values()))  # the method's default, as init records it
-        lrs = mopts[spec].get("lr") or opts.lrs or [T.method_lr(name)]
+        lrs = mopts[spec].get("lr") or opts.lrs or [method_lr(name)]
         info[spec] = {"rank": rank if method.RANKED else None, "params": params, "lrs": lrs}
         if opts.budget == "params":
             info[spec]["budget"] = {"target": target, "ratio": params / target if target else None,

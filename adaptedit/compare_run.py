@@ -45,12 +45,11 @@ class _Steps:
 
 class Runner:
     def __init__(self, opts, source, out: Path, tell):
-        from adaptedit import train as T
+        from adaptedit.devices import Dist, pick_device, pick_dtype
 
         self.opts, self.source, self.out, self.tell = opts, source, Path(out), tell
-        dist = T.Dist()
-        self.device = T.pick_device(opts.device, dist)
-        self.dtype = T.pick_dtype(opts.dtype, self.device)
+        self.device = pick_device(opts.device, Dist())
+        self.dtype = pick_dtype(opts.dtype, self.device)
         self.tokenizer = source.tokenizer()
         self.model = None
         self._base_retain = None
@@ -111,30 +110,32 @@ class Runner:
     # ----------------------------------------------------------------------------------- one run
 
     def run(self, spec) -> dict:
-        from adaptedit import train as T
+        from adaptedit import train as training
         from adaptedit.adapter import save_adapter
+        from adaptedit.checkpoints import METRICS, checkpoint_dirs, read_state
         from adaptedit.formats import load_adapter
         from adaptedit.init import InitOptions, build, parameter_counts
         from adaptedit.layer import attach, detach
+        from adaptedit.train_config import make_config
 
         folder = self.out / C.RUNS / spec.id
         t0 = time.perf_counter()
         model = self.load()
-        resume = bool(T.checkpoint_dirs(folder))
+        resume = bool(checkpoint_dirs(folder, with_state=True))
         if folder.exists() and not resume:
             C.clear_run(folder)  # killed before its first checkpoint: start it again
-        cfg, given = T.make_config(dict(spec.train), resume=resume)
+        cfg, given = make_config(dict(spec.train), resume=resume)
         finished = False
         if resume:
-            state = json.loads((T.checkpoint_dirs(folder)[-1] / T.STATE_JSON).read_text())
+            state, _ = read_state(checkpoint_dirs(folder, with_state=True)[-1])
             finished = state["step"] >= state["total_steps"]
         else:
             adapter = build(self.source, InitOptions(**spec.init))
             save_adapter(adapter, folder, force=False)  # exactly `adaptedit init -o FOLDER`
         if not finished:
-            run = T.prepare(folder, cfg, given=given, resume=resume, tokenizer=self.tokenizer)
+            run = training.prepare(folder, cfg, given=given, resume=resume, tokenizer=self.tokenizer)
             try:
-                T.train(run, _Steps(self.tell, spec.id), model=model)
+                training.train(run, _Steps(self.tell, spec.id), model=model)
             finally:
                 detach(model)
         adapter = load_adapter(folder)
@@ -145,7 +146,7 @@ class Runner:
             test, retain = self._evaluate(model, folder)
         finally:
             detach(model)
-        metrics = [json.loads(x) for x in (folder / T.METRICS).read_text().splitlines() if x]
+        metrics = [json.loads(x) for x in (folder / METRICS).read_text().splitlines() if x]
         train_loss = [[m["step"], m["loss"]] for m in metrics if "loss" in m]
         eval_loss = [[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m]
         step_s = [m["step_s"] for m in metrics if "step_s" in m]
@@ -164,7 +165,7 @@ class Runner:
                "peak_mem_mb": max((m.get("peak_mem_mb", 0) for m in metrics), default=None),
                "commands": spec.commands(self.source.ref, folder)}
         if rec["final_eval_loss"] is None or not math.isfinite(rec["final_eval_loss"]):
-            raise AdapteditError(f"run {spec.id}: no finite eval loss; see {folder / T.METRICS}")
+            raise AdapteditError(f"run {spec.id}: no finite eval loss; see {folder / METRICS}")
         return rec
 
     def _evaluate(self, model, folder: Path):
