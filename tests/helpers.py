@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from adaptedit.methods import METHODS as REGISTRY
+from adaptedit.train_config import make_config
 
 # every method of the registry: a new method is tested by adding it there
 METHODS = list(REGISTRY)
@@ -106,7 +107,7 @@ def train_and_resume(base: Path, tmp_path: Path, opts, steps: int = 6, lr: float
     save_adapter(build(resolve(str(base)), opts), tmp_path / "ad")
 
     def run(out, resume=False, **kw):
-        cfg, given = training.make_config({"data": str(data), **kw}, resume=resume)
+        cfg, given = make_config({"data": str(data), **kw}, resume=resume)
         return training.train(training.prepare(tmp_path / "ad", cfg, given=given, out=out,
                                                resume=resume))
 

@@ -18,6 +18,7 @@ from adaptedit.init import InitOptions, build
 from adaptedit.layer import attach
 from adaptedit.models import resolve
 from adaptedit.peft_io import export_peft
+from adaptedit.train_config import make_config
 
 
 def init_is_identity(base: Path, dtype: torch.dtype, **kw) -> None:
@@ -58,7 +59,7 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def _train(folder, data, out, resume=False, **kw):
-    cfg, given = T.make_config({"data": str(data), **kw}, resume=resume)
+    cfg, given = make_config({"data": str(data), **kw}, resume=resume)
     return T.train(T.prepare(folder, cfg, given=given, out=out, resume=resume))
 
 

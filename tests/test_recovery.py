@@ -22,7 +22,9 @@ from helpers import make_adapter, run_cli
 
 from adaptedit import data as D
 from adaptedit import leftovers
+from adaptedit import checkpoints
 from adaptedit import train as T
+from adaptedit.train_config import make_config
 from adaptedit.errors import AdapteditError
 
 
@@ -90,7 +92,7 @@ def data(tmp_path_factory):
 
 
 def run_train(folder, data, out=None, resume=False, **kw):
-    cfg, given = T.make_config({"data": str(data), "save_every": 1, "batch_size": 4, "lr": 1e-2,
+    cfg, given = make_config({"data": str(data), "save_every": 1, "batch_size": 4, "lr": 1e-2,
                                 "device": "cpu", **kw}, resume=resume)
     return T.train(T.prepare(folder, cfg, given=given, out=out, resume=resume))
 
@@ -115,7 +117,7 @@ def _copy_run(run, dst, drop_last=True):
 def test_resume_skips_a_damaged_checkpoint_and_ends_bit_identical(three_steps, adapter, data,
                                                                    tmp_path, capsys):
     run = _copy_run(three_steps, tmp_path / "run")
-    (run / "checkpoints" / "step-000002" / T.STATE_JSON).write_text('{"step": 2, "conf')
+    (run / "checkpoints" / "step-000002" / checkpoints.STATE_JSON).write_text('{"step": 2, "conf')
     tmp = leftover(run / "checkpoints", "step-000003")  # a checkpoint a kill left half-written
     run_train(adapter, data, out=run, resume=True)
     err = capsys.readouterr().err
@@ -124,14 +126,14 @@ def test_resume_skips_a_damaged_checkpoint_and_ends_bit_identical(three_steps, a
     ref = load_file(str(three_steps / "adapter.safetensors"))
     got = load_file(str(run / "adapter.safetensors"))
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
-    assert [p.name for p in T.checkpoint_dirs(run)] == ["step-000001", "step-000002",
+    assert [p.name for p in checkpoints.checkpoint_dirs(run)] == ["step-000001", "step-000002",
                                                         "step-000003"]
 
 
 def test_every_checkpoint_damaged_is_one_line(three_steps, adapter, data, tmp_path):
     run = _copy_run(three_steps, tmp_path / "run")
-    for ck in T.checkpoint_dirs(run):
-        (ck / T.STATE_TENSORS).write_bytes(b"garbage")
+    for ck in checkpoints.checkpoint_dirs(run):
+        (ck / checkpoints.STATE_TENSORS).write_bytes(b"garbage")
     with pytest.raises(AdapteditError, match=r"every checkpoint in .* is damaged \(newest: "
                                              r"step-000002 .*start a new run with -o NEW_DIR"):
         run_train(adapter, data, out=run, resume=True)
@@ -139,16 +141,16 @@ def test_every_checkpoint_damaged_is_one_line(three_steps, adapter, data, tmp_pa
 
 def test_a_torn_metrics_line_does_not_block_resume(three_steps, adapter, data, tmp_path):
     run = _copy_run(three_steps, tmp_path / "run")
-    lines = (run / T.METRICS).read_text().splitlines()
-    (run / T.METRICS).write_text("\n".join(lines) + '\n{"step": 3, "loss": 0.5, "lr"')  # torn
+    lines = (run / checkpoints.METRICS).read_text().splitlines()
+    (run / checkpoints.METRICS).write_text("\n".join(lines) + '\n{"step": 3, "loss": 0.5, "lr"')  # torn
     run_train(adapter, data, out=run, resume=True)
-    steps = [json.loads(x)["step"] for x in (run / T.METRICS).read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (run / checkpoints.METRICS).read_text().splitlines()]
     assert steps == [json.loads(x)["step"] for x in lines]  # each step once, in order
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line(adapter, data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = T.write_adapter_files
+    real = checkpoints.write_adapter_files
     calls = []
 
     def full(adapter, folder):
@@ -157,16 +159,16 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(adapter, data, tmp_path, mo
             raise OSError(errno.ENOSPC, "No space left on device")
         real(adapter, folder)
 
-    monkeypatch.setattr(T, "write_adapter_files", full)
+    monkeypatch.setattr(checkpoints, "write_adapter_files", full)
     with pytest.raises(AdapteditError) as e:
         run_train(adapter, data, out=out, steps=3)
     msg = str(e.value)
     assert "\n" not in msg and "checkpoints: cannot save the checkpoint of step 2 (" in msg
     assert "No space left on device" in msg and "holds step 1" in msg and "--resume" in msg
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]  # no temp folder
-    monkeypatch.setattr(T, "write_adapter_files", real)
+    monkeypatch.setattr(checkpoints, "write_adapter_files", real)
     run_train(adapter, data, out=out, resume=True)  # the fix the message names works
-    assert [p.name for p in T.checkpoint_dirs(out)][-1] == "step-000003"
+    assert [p.name for p in checkpoints.checkpoint_dirs(out)][-1] == "step-000003"
 
 
 def test_a_read_only_adapter_folder_is_refused_before_any_work(adapter, data, tmp_path,
