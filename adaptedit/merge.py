@@ -4,9 +4,12 @@
 
 Streaming: the base is read tensor by tensor (``safe_open``, pread backend when available), the
 output is planned from the headers alone (``huggingface_hub.split_torch_state_dict_into_shards`` on
-meta tensors) and written one shard at a time with ``save_file``. Peak memory is about one output
-shard plus one float32 tensor, whatever the model size. Everything goes to a temporary folder next
-to OUT, which is renamed only once it is complete (and verified).
+meta tensors) and written one tensor at a time (:mod:`adaptedit.shards`). Peak memory is about one
+tensor plus one float32 copy, whatever the model size. Everything goes to a temporary folder next
+to OUT, which is renamed only once it is complete and verified (:mod:`adaptedit.verification`).
+
+    merge()  validate → plan (checkpoint key → adapter modules) → stream every tensor through
+             _merge_tensor (W + ΔW, cast once) into the shards → side files → verify → rename
 
 Adapters of the same base combine on the dense ΔW of each tensor, so that adapters of different
 ranks and methods mix: linear, ties, dare_linear, dare_ties with PEFT's conventions
@@ -17,10 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import shutil
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,17 +31,13 @@ from adaptedit.adapter import Adapter
 from adaptedit.atomic import check_output, write_atomic_dir
 from adaptedit.binding import base_for, check_weight, recorded_targets
 from adaptedit.combine import COMBINE, combine
+from adaptedit.devices import DTYPES
 from adaptedit.errors import AdapteditError, UsageError
-from adaptedit.models import ST_DTYPES, TOKENIZER_FILES, ModelSource, model_inputs
+from adaptedit.models import model_inputs
+from adaptedit.shards import (DEFAULT_SHARD, DTYPE_NAMES, config_dtype, open_files, parse_size,
+                              read_tensor, write_safetensors, write_side_files)
 from adaptedit.targets import from_w, to_w
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-DEFAULT_SHARD = "5GB"  # as transformers; streaming makes memory independent of it
-VERIFY_PROMPTS = ["The capital of France is", "Write the date 1987-03-05 in words.",
-                  "Tom has 23 apples. He buys 15 more and gives away 9."]
-# max |Δlogit| allowed between the adapter model and the merged folder, relative to max(1, |logit|)
-TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 2e-1}
+from adaptedit.verification import fits_in_memory, verify
 
 
 @dataclass
@@ -72,10 +67,6 @@ class MergeResult:
     max_abs_logit_diff: float | None = None
     tolerance: float | None = None
     notes: list[str] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------------------------
-# combining several updates of one tensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,84 +108,6 @@ def validate_options(adapters: list[Adapter], opts: MergeOptions) -> list[float]
     return [float(w) for w in weights]
 
 
-def _out_dtype(source: ModelSource, name: str) -> torch.dtype | None:
-    """The output dtype (None: keep each tensor's own dtype, the base's)."""
-    return DTYPES[name] if name != "auto" else None
-
-
-def _config_dtype(source: ModelSource, ckpt) -> torch.dtype:
-    raw = json.loads((source.path / "config.json").read_text())
-    name = raw.get("dtype") or raw.get("torch_dtype")
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name in table:
-        return table[name]
-    for k in ckpt.keys():
-        dt = ckpt.dtype(k)
-        if dt.is_floating_point:
-            return dt
-    return torch.float32
-
-
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-
-
-def write_safetensors(path: Path, specs: dict, produce, metadata: dict | None = None) -> None:
-    """Write a safetensors file one tensor at a time: ``specs`` is {name: (shape, dtype)} in file
-    order and ``produce(name)`` returns each tensor when its turn comes.
-
-    safetensors' ``save_file`` needs every tensor of a file in memory at once; a merge would then
-    hold a whole output shard. The format is simple enough to stream (an 8-byte little-endian header
-    length, a JSON header with each tensor's dtype, shape and byte range, padded with spaces to a
-    multiple of 8, then the raw bytes in order), so the peak is one tensor whatever the shard size.
-    Files read back with ``safe_open`` and transformers like any other.
-    """
-    # widest dtypes first (as save_file does): every tensor starts at an offset aligned to its dtype
-    specs = dict(sorted(specs.items(), key=lambda kv: -kv[1][1].itemsize))
-    header, offset = {}, 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for name, (shape, dtype) in specs.items():
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, (shape, dtype) in specs.items():
-            t = produce(name)
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:  # a bug, never user input
-                raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned "
-                                   f"{tuple(shape)} {dtype}")
-            if t.numel():
-                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            del t
-
-
-def _open_files(ckpt) -> dict:
-    """Handles on the base shards, with the pread backend where this safetensors has it (reads do
-    not map the file into the process, so the page cache of the base is not counted as ours)."""
-    from safetensors import safe_open
-
-    handles = {}
-    for name in ckpt.files:
-        path = str(ckpt.folder / name)
-        try:
-            handles[name] = safe_open(path, framework="pt", backend="pread")
-        except Exception:  # older safetensors: no backend argument
-            handles[name] = ckpt.files[name]
-    return handles
-
-
-def _read(handles, ckpt, key: str) -> torch.Tensor:
-    try:
-        return handles[ckpt.file_of(key)].get_tensor(key)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise AdapteditError(f"{ckpt.folder / ckpt.file_of(key)}: cannot read {key} ({first}); "
-                             "the file may be truncated: fetch the base again") from None
 
 
 def module_delta(adapter: Adapter, name: str, w: torch.Tensor) -> torch.Tensor | None:
@@ -253,8 +166,8 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
             plan.setdefault(t.key, []).append((i, name, t))
 
     keys = ckpt.keys()
-    out_dtype = _out_dtype(source, opts.dtype)
-    base_dtype = _config_dtype(source, ckpt)
+    out_dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else None  # None: each tensor's own
+    base_dtype = config_dtype(source, ckpt)
     final_dtype = out_dtype or base_dtype
 
     def target_dtype(key):
@@ -269,12 +182,12 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
                          combine=opts.combine if len(adapters) > 1 or opts.combine != "linear" else "single",
                          dtype=DTYPE_NAMES.get(final_dtype, str(final_dtype)))
     start = time.perf_counter()
-    handles = _open_files(ckpt)
+    handles = open_files(ckpt)
     total_bytes = sum(math.prod(ckpt.shape(k)) * ckpt.dtype(k).itemsize for k in keys)
     task = progress.add_task("Merging", total=total_bytes) if progress else None
 
     def produce(key: str) -> torch.Tensor:
-        raw = _read(handles, ckpt, key)
+        raw = read_tensor(handles, ckpt, key)
         if key in plan:
             t = _merge_tensor(adapters, plan[key], raw, key, weights, opts, source.ref,
                               target_dtype(key))
@@ -295,14 +208,15 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
             index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2,
                                                                          sort_keys=True) + "\n")
-        _write_side_files(source, tmp, final_dtype)
+        write_side_files(source, tmp, final_dtype)
         result.shards = len(split.filename_to_tensors)
         result.output_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
         if opts.verify:
-            fits, why = _fits_in_memory(total_bytes, final_dtype)
+            fits, why = fits_in_memory(total_bytes, final_dtype)
             if fits:
                 keymap = {name: key for key, es in plan.items() for _, name, _ in es}
-                diff, tol = verify(adapters, source, tmp, weights, opts, final_dtype, keymap)
+                diff, tol = verify(source, tmp, final_dtype,
+                                   lambda model: _reference(model, adapters, weights, opts, keymap))
                 result.verified, result.max_abs_logit_diff, result.tolerance = True, diff, tol
             else:
                 result.notes.append(f"verification skipped: {why}")
@@ -310,20 +224,6 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
     write_atomic_dir(out, write, force=force)  # any OSError: one line, temporary folder removed
     result.seconds = time.perf_counter() - start
     return result
-
-
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size: str | int) -> int:
-    """Bytes from 200MB, 1.5GB, 512MiB or a plain byte count; positive, else a usage error."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
-    unit = m and m[2].upper()
-    if not m or unit not in SIZE_UNITS or float(m[1]) * SIZE_UNITS[unit] < 1:
-        raise UsageError(f"--max-shard-size {size!r}: expected a positive size such as 200MB, 2GB, "
-                         "512MiB or a byte count")
-    return int(float(m[1]) * SIZE_UNITS[unit])
 
 
 def _plain_single(adapters, weights, opts) -> bool:
@@ -373,111 +273,17 @@ def check_finite(key: str, exact: torch.Tensor, out: torch.Tensor, base_ref: str
                          "(fetch it again); nothing was written")
 
 
-def _write_side_files(source: ModelSource, tmp: Path, dtype: torch.dtype) -> None:
-    """config.json with the output dtype; generation config and tokenizer files copied verbatim."""
-    cfg = json.loads((source.path / "config.json").read_text())
-    name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-    cfg["dtype"] = name
-    if "torch_dtype" in cfg:
-        cfg["torch_dtype"] = name
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for fname in ("generation_config.json", *TOKENIZER_FILES):
-        src = source.path / fname
-        if src.is_file():
-            shutil.copyfile(src, tmp / fname)
-
-
-def _fits_in_memory(model_bytes: int, dtype: torch.dtype) -> tuple[bool, str]:
-    """Verification loads the base (+adapter) and the merged model: about 3× the model size."""
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except (OSError, ValueError, AttributeError):
-        return True, ""
-    need = 3 * model_bytes * max(1, dtype.itemsize // 2)
-    if need > avail:
-        return False, (f"the model needs about {need / 2**30:.1f} GiB to compare, "
-                       f"{avail / 2**30:.1f} GiB available")
-    return True, ""
-
-
-# ----------------------------------------------------------------------------------------------
-# verification
-
-
-def _inputs(source: ModelSource):
-    try:
-        tok = source.tokenizer()
-        ids = [tok(p, return_tensors="pt")["input_ids"] for p in VERIFY_PROMPTS]
-        ids = [i for i in ids if i.numel() > 0]
-        if ids:
-            return ids
-    except AdapteditError:
-        pass
-    vocab = int(getattr(source.config, "vocab_size", 100) or 100)
-    return [torch.arange(1, 9).remainder(vocab).unsqueeze(0)]
-
-
-def _forward(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=ids)
-    return (out.logits if getattr(out, "logits", None) is not None else out[0]).float()
-
-
-def verify(adapters, source: ModelSource, merged_dir: Path, weights, opts, dtype,
-           keymap: dict) -> tuple[float, float]:
-    """Run fixed prompts through base+adapter and through the merged folder; max |Δlogit|.
-
-    One adapter (linear, weight 1): the base with the adapter attached (layer.attach), an independent
-    path from the merge arithmetic. Several: the base with the combined ΔW added in memory (this
-    checks the files: shards, names, dtype, tying).
-    """
+def _reference(model, adapters, weights, opts, keymap: dict) -> None:
+    """What verification compares the merged folder with. One adapter (linear, weight 1): the base
+    with the adapter attached (layer.attach), an independent path from the merge arithmetic.
+    Several: the base with the combined ΔW added in memory (this checks the files: shards, names,
+    dtype, tying)."""
     from adaptedit.layer import attach
-    from adaptedit.models import quiet_transformers
 
-    quiet_transformers()
-    ids = _inputs(source)
-    ref = source.load(dtype=dtype)
     if _plain_single(adapters, weights, opts):
-        attach(ref, adapters[0])
+        attach(model, adapters[0])
     else:
-        _apply_in_memory(ref, adapters, weights, opts, keymap)
-    ref_out = [_forward(ref, i) for i in ids]
-    del ref
-    cls = source.model_class()
-    try:
-        merged, info = cls.from_pretrained(merged_dir, dtype=dtype, output_loading_info=True,
-                                           use_safetensors=True)
-    except Exception as e:
-        raise AdapteditError(f"verification: transformers cannot load the merged model "
-                             f"({str(e).splitlines()[0][:200]})") from None
-    bad = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
-    if bad:
-        raise AdapteditError(f"verification: the merged model loads with {bad[0].replace('_', ' ')}: "
-                             f"{sorted(map(str, info[bad[0]]))[:3]}")
-    merged.eval()
-    diff, scale = 0.0, 1.0
-    for i, r in zip(ids, ref_out):
-        if not bool(torch.isfinite(r).all()):
-            raise AdapteditError("verification failed: the base with the adapter gives NaN or Inf "
-                                 "logits, so nothing can be compared; nothing was written (is the "
-                                 "base or the adapter broken?)")
-        m = _forward(merged, i)
-        if not bool(torch.isfinite(m).all()):
-            raise AdapteditError("verification failed: the merged model gives NaN or Inf logits; "
-                                 "nothing was written (merge with --dtype bf16 or fp32?)")
-        d = float((m - r).abs().max())
-        diff = d if not d <= diff else diff  # a NaN is kept, never dropped
-        scale = max(scale, float(r.abs().max()))
-    tol = TOLERANCE.get(dtype, 1e-3) * scale
-    if not (math.isfinite(diff) and math.isfinite(tol) and diff <= tol):
-        raise AdapteditError(f"verification failed: max |Δlogit| {diff:.3g} between the adapter "
-                             f"model and the merged model exceeds {tol:.3g}; nothing was written "
-                             "(pass --no-verify to write it anyway)")
-    return diff, tol
+        _apply_in_memory(model, adapters, weights, opts, keymap)
 
 
 def _apply_in_memory(model, adapters, weights, opts, keymap: dict) -> None:

@@ -232,7 +232,7 @@ def render(rows: list[dict], command: str) -> str:
         "So the 1.5× of the copy cannot be met with the bytes written and the arithmetic done on "
         "the same two cores; a writer thread overlapping compute and writes gained under 10% in a "
         "test and was not kept. Output shards are streamed tensor by tensor "
-        "(`merge.write_safetensors`), so peak RSS is flat in both the model size and "
+        "(`shards.write_safetensors`), so peak RSS is flat in both the model size and "
         "`--max-shard-size`: the torch import (≈ 0.23 GiB) + the largest tensor (raw and a few "
         "float32 copies when it is merged); the 25%-of-PEFT target is met once PEFT's footprint "
         "(≈ 1.15× the model + 0.3 GiB here) is more than 4× that floor.",

@@ -265,7 +265,7 @@ def test_streamed_safetensors_file_reads_back(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from adaptedit.merge import write_safetensors
+    from adaptedit.shards import write_safetensors
 
     ts = {"w": torch.randn(3, 5), "h": torch.randn(4, 2).half(), "b": torch.randn(7).bfloat16(),
           "s": torch.tensor(2.5), "e": torch.zeros(0, 4), "i": torch.arange(6).view(2, 3),
@@ -282,7 +282,7 @@ def test_streamed_safetensors_file_reads_back(tmp_path):
 
 
 def test_parse_size():
-    from adaptedit.merge import parse_size
+    from adaptedit.shards import parse_size
 
     assert parse_size("200MB") == 200 * 10**6 and parse_size("1.5GB") == 1_500_000_000
     assert parse_size("512MiB") == 512 << 20 and parse_size("4096") == 4096 == parse_size(4096)
