@@ -293,17 +293,17 @@ def test_two_writers_of_one_folder_exactly_one_wins(tmp_path):
 
 
 def test_merge_keeps_a_folder_created_while_it_runs(tiny_llama, adapter, tmp_path, monkeypatch):
-    from adaptedit import merge as M
+    from adaptedit import merge
 
     out = tmp_path / "m"
-    real = M._write_side_files
+    real = merge.write_side_files
 
     def meanwhile(*a, **k):  # another process creates OUT while the merge writes
         real(*a, **k)
         out.mkdir()
         (out / "theirs.txt").write_text("someone else's work\n")
 
-    monkeypatch.setattr(M, "_write_side_files", meanwhile)
+    monkeypatch.setattr(merge, "write_side_files", meanwhile)
     code, _, err = run_cli(["merge", str(adapter), "-o", str(out), "--no-verify"])
     assert code == 1
     assert one_line(err) == (f"error: {out}: was created by another process while this one was "
@@ -469,7 +469,7 @@ def test_open_append_refuses_a_link(tmp_path):
 
 
 def test_resume_of_a_copy_without_checkpoint_starts_at_step_0(adapter, tmp_path, monkeypatch):
-    from adaptedit import train as T
+    from adaptedit import train as training
 
     data = chat_file(tmp_path / "data.jsonl")
     out = tmp_path / "copy"
@@ -480,7 +480,7 @@ def test_resume_of_a_copy_without_checkpoint_starts_at_step_0(adapter, tmp_path,
         raise MemoryError("simulated")
 
     with monkeypatch.context() as m:
-        m.setattr(T, "_train", crash)
+        m.setattr(training, "_train", crash)
         code, _, err = run_cli(args)
         assert code == 1 and "MemoryError" in err
     assert (out / "adaptedit.json").exists() and not (out / "checkpoints").exists()
