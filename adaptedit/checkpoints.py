@@ -68,6 +68,11 @@ def write_checkpoint(folder: Path, step: int, adapter: Adapter, tensors: dict, s
     return path
 
 
+def read_state(checkpoint: Path) -> dict:
+    """The trainer state JSON of a checkpoint."""
+    return json.loads((Path(checkpoint) / STATE_JSON).read_text(encoding="utf-8"))
+
+
 def last_intact(folder: Path, check_config) -> tuple[Path, dict, dict]:
     """The newest checkpoint that reads back whole: (its folder, state JSON, state tensors).
 

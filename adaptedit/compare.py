@@ -231,7 +231,7 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
     """All runs, validated against the model (ranks, targets) and train's option checks.
 
     Returns (runs, per-method info {spec: {rank, params, lrs}})."""
-    from adaptedit import init as I
+    from adaptedit.init import plan as plan_targets
     from adaptedit.train_config import make_config, method_lr
 
     validate(opts)
@@ -253,13 +253,13 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
                    "method": name, "dora": flags.get("dora", False), "device": opts.device}
         init_kw.setdefault("options", {})
         probe = InitOptions(**{**init_kw, "seed": 0})
-        targets, ranks = I.plan(source, probe)  # unknown targets, rank > min(out, in): refused
+        targets, ranks = plan_targets(source, probe)  # unknown targets, rank > min(out, in): refused
         params = trainable_count(targets, probe)
         matched = (opts.budget == "params" and target is not None and method.RANKED
                    and "rank" not in extra and not init_kw["options"].keys() & RANK_OPTIONS)
         if matched:
             init_kw["rank"], params = match_params(targets, probe, target)
-            I.plan(source, InitOptions(**{**init_kw, "seed": 0}))
+            plan_targets(source, InitOptions(**{**init_kw, "seed": 0}))
         if opts.budget == "params" and target is not None:
             budget.check(spec, method.RANKED, params, target, first, init_kw["rank"])
         if target is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from adaptedit import compare as C
+from adaptedit import compare
 from adaptedit.errors import AdapteditError
 
 
@@ -70,7 +70,7 @@ class Runner:
             for i, spec in enumerate(todo):
                 self.tell("run_start", {"run": spec.id, "index": i, "todo": len(todo)})
                 rec = self.run(spec)
-                C.append_result(self.out, rec)
+                compare.append_result(self.out, rec)
                 done[spec.id] = rec
                 self.tell("run_end", {"run": spec.id, "record": rec})
 
@@ -100,7 +100,7 @@ class Runner:
                 self.tell("run_start", {"run": payload, "index": len(todo) - left,
                                         "todo": len(todo)})
                 continue
-            C.append_result(self.out, payload)
+            compare.append_result(self.out, payload)
             done[payload["run"]] = payload
             left -= 1
             self.tell("run_end", {"run": payload["run"], "record": payload})
@@ -118,16 +118,16 @@ class Runner:
         from adaptedit.layer import attach, detach
         from adaptedit.train_config import make_config
 
-        folder = self.out / C.RUNS / spec.id
+        folder = self.out / compare.RUNS / spec.id
         t0 = time.perf_counter()
         model = self.load()
         resume = bool(checkpoint_dirs(folder, with_state=True))
         if folder.exists() and not resume:
-            C.clear_run(folder)  # killed before its first checkpoint: start it again
+            compare.clear_run(folder)  # killed before its first checkpoint: start it again
         cfg, given = make_config(dict(spec.train), resume=resume)
         finished = False
         if resume:
-            state, _ = read_state(checkpoint_dirs(folder, with_state=True)[-1])
+            state = read_state(checkpoint_dirs(folder, with_state=True)[-1])
             finished = state["step"] >= state["total_steps"]
         else:
             adapter = build(self.source, InitOptions(**spec.init))
@@ -186,10 +186,10 @@ class Runner:
         return test, retain
 
     def _retain_loss(self, model) -> float:
-        from adaptedit import data as D
+        from adaptedit.data import load as load_data
         from adaptedit.evaluate import loss_totals
 
-        d = D.load(Path(self.opts.retain_data), self.tokenizer, max_length=self.opts.max_length)
+        d = load_data(Path(self.opts.retain_data), self.tokenizer, max_length=self.opts.max_length)
         s, n = loss_totals(model, d, self.opts.batch_size, self.device, self.dtype)
         return s / n
 
@@ -206,7 +206,7 @@ class Runner:
 
     def geometry(self, folder: Path) -> dict:
         """inspect's summary of the final update, corr(ΔD, ΔM) over the saved checkpoints."""
-        from adaptedit.inspect import Options, inspect_adapters
+        from adaptedit.analysis import Options, inspect_adapters
 
         rep = inspect_adapters([folder], opts=Options(), trajectory=True)
         m = rep["model"]

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from adaptedit import data as D
+from adaptedit.data import BadRow, TokenizedData, batches, read_rows, row_format
+from adaptedit.data import load as load_data
 from adaptedit.errors import AdapteditError, UsageError
 
 
@@ -130,14 +131,14 @@ class Item:
 def items(path: Path, tokenizer, limit: int | None) -> list[Item]:
     """The generation prompts and references of the first ``limit`` rows, in file order."""
     out = []
-    for line, row in D.read_rows(Path(path)):
+    for line, row in read_rows(Path(path)):
         if limit is not None and len(out) >= limit:
             break
         try:
-            if isinstance(row, D.BadRow):
+            if isinstance(row, BadRow):
                 raise row
-            fmt = D.row_format(row)
-        except D.BadRow as e:
+            fmt = row_format(row)
+        except BadRow as e:
             raise AdapteditError(f"{path}:{line}: {e}") from None
         answer = row.get("answer")
         if answer is not None and not isinstance(answer, (str, int, float)):
@@ -191,7 +192,7 @@ def generate(model, tokenizer, batch: list[Item], max_new_tokens: int, device) -
 # -------------------------------------------------------------------------------------- the loss
 
 
-def loss_totals(model, data: D.TokenizedData, batch_size: int, device, dtype) -> tuple[float, int]:
+def loss_totals(model, data: TokenizedData, batch_size: int, device, dtype) -> tuple[float, int]:
     """(Σ cross-entropy, #trained tokens) over ``data`` in file order, by train's loss code."""
     from adaptedit.devices import autocast
     from adaptedit.loss import TrainedPositions, loss_sum, trained_tokens
@@ -203,7 +204,7 @@ def loss_totals(model, data: D.TokenizedData, batch_size: int, device, dtype) ->
     n = 0
     try:
         with torch.no_grad(), autocast(device, dtype):
-            for batch in D.batches(data, batch_size, 0):
+            for batch in batches(data, batch_size, 0):
                 total += loss_sum(model, positions, batch, device).double()
                 n += trained_tokens(batch)
     finally:
@@ -233,7 +234,7 @@ def evaluate_model(model, tokenizer, data: Path, opts: EvalOptions, *, progress=
     data = Path(data)
     device = _device_of(model)
     dtype = next(model.parameters()).dtype
-    tokenized = D.load(data, tokenizer, max_length=_max_length(opts), limit=opts.limit)
+    tokenized = load_data(data, tokenizer, max_length=_max_length(opts), limit=opts.limit)
     tell = progress or (lambda *a: None)
     tell("loss", 0, len(tokenized))
     s, n = loss_totals(model, tokenized, opts.batch_size, device, dtype)
@@ -245,7 +246,7 @@ def evaluate_model(model, tokenizer, data: Path, opts: EvalOptions, *, progress=
               "adapter": None, "exact_match": None, "exact_match_strict": None, "n_scored": 0,
               "generations": []}
     if retain_data is not None:
-        retained = D.load(Path(retain_data), tokenizer, max_length=_max_length(opts))
+        retained = load_data(Path(retain_data), tokenizer, max_length=_max_length(opts))
         tell("retain", 0, len(retained))
         rs, rn = loss_totals(model, retained, opts.batch_size, device, dtype)
         tell("retain", len(retained), len(retained))

@@ -2,7 +2,7 @@
 
     ΔW = W₁ − W₀ (out × in),   W₀ = U₀ Σ₀ V₀ᵀ,   ΔW = U_Δ Σ_Δ V_Δᵀ
 
-Nothing here reads files or knows about adapters: :mod:`adaptedit.inspect` feeds these functions
+Nothing here reads files or knows about adapters: :mod:`adaptedit.analysis` feeds these functions
 the base weight, its cached SVD and ΔW, either dense or as factors P @ Q (never formed densely).
 
 - Magnitude and direction per output row (DoRA §3.2, Liu et al. 2024):

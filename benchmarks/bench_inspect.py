@@ -74,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-inspect-"))
     work.mkdir(parents=True, exist_ok=True)
-    from adaptedit import inspect as I
+    from adaptedit import analysis
     from adaptedit.models import cache_dir, resolve
 
     t0 = time.perf_counter()
@@ -86,16 +86,16 @@ def main() -> None:
 
     svd_dir = cache_dir() / "svd"
     shutil.rmtree(svd_dir, ignore_errors=True)  # cold: W₀'s SVDs computed and cached
-    cold, rep = timed(lambda: I.inspect_adapters([pissa]))
+    cold, rep = timed(lambda: analysis.inspect_adapters([pissa]))
     rows.append(("adapter, pissa r16, cold SVD cache", len(rep["modules"]), cold, rep["verdict"]))
-    warm, rep = timed(lambda: I.inspect_adapters([pissa]), repeat=1 if args.cold_only else 2)
+    warm, rep = timed(lambda: analysis.inspect_adapters([pissa]), repeat=1 if args.cold_only else 2)
     rows.append(("adapter, pissa r16, warm cache", len(rep["modules"]), warm, rep["verdict"]))
     size = sum(p.stat().st_size for p in svd_dir.glob("*.safetensors"))
     if not args.cold_only:
-        warm, rep = timed(lambda: I.inspect_adapters([lora]), repeat=2)
+        warm, rep = timed(lambda: analysis.inspect_adapters([lora]), repeat=2)
         rows.append(("adapter, lora r16, warm cache", len(rep["modules"]), warm, rep["verdict"]))
         tuned = tuned_copy(source, pissa, work / "tuned")
-        two, rep = timed(lambda: I.inspect_checkpoints(str(source.path), str(tuned)))
+        two, rep = timed(lambda: analysis.inspect_checkpoints(str(source.path), str(tuned)))
         rows.append(("two checkpoints (dense ΔW), warm cache", len(rep["modules"]), two,
                      rep["verdict"]))
 

@@ -65,7 +65,7 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-inspect-7b-"))
     os.environ["ADAPTEDIT_CACHE"] = str(work / "cache")  # cold: an empty cache of its own
 
-    from adaptedit import inspect as I
+    from adaptedit import analysis
     from adaptedit.init import InitOptions, build
     from adaptedit.models import resolve
 
@@ -82,7 +82,7 @@ def main() -> None:
     times = {}
     for run in ("cold", "warm"):
         t = time.perf_counter()
-        rep = I.inspect_adapters([work / "adapter"])
+        rep = analysis.inspect_adapters([work / "adapter"])
         times[run] = time.perf_counter() - t
     svd_dir = work / "cache" / "svd"
     sizes = {p.name: p.stat().st_size for p in svd_dir.glob("*.safetensors")}

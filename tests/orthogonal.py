@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from helpers import logits, perturb
 
-from adaptedit import train as T
+from adaptedit import train as training
 from adaptedit.adapter import save_adapter
 from adaptedit.formats import load_adapter
 from adaptedit.init import InitOptions, build
@@ -60,7 +60,7 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
 
 def _train(folder, data, out, resume=False, **kw):
     cfg, given = make_config({"data": str(data), **kw}, resume=resume)
-    return T.train(T.prepare(folder, cfg, given=given, out=out, resume=resume))
+    return training.train(training.prepare(folder, cfg, given=given, out=out, resume=resume))
 
 
 def train_and_resume_exact(base: Path, tmp: Path, lr: float = 1e-2, **kw) -> dict:

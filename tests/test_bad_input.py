@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 import fixtures
 from helpers import make_adapter, run_cli
 
-from adaptedit import data as D
+from adaptedit.data import TokenizedData
+from adaptedit.data import load as load_data
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +279,7 @@ def tok():
     return fixtures.make_tokenizer()
 
 
-def _texts(data: D.TokenizedData, tok) -> list[str]:
+def _texts(data: TokenizedData, tok) -> list[str]:
     return [tok.decode(data.example(i)[0].tolist(), skip_special_tokens=True)
             for i in range(len(data))]
 
@@ -291,7 +292,7 @@ def _texts(data: D.TokenizedData, tok) -> list[str]:
 def test_a_byte_order_mark_is_not_content(name, content, tok, tmp_path):
     path = tmp_path / name
     path.write_bytes(content)
-    data = D.load(path, tok, max_length=64)
+    data = load_data(path, tok, max_length=64)
     assert _texts(data, tok) == TEXTS
     assert path.read_bytes() == content
 
@@ -303,7 +304,7 @@ def test_a_csv_field_over_128_kib_is_read_whole(tok, tmp_path):
     path = tmp_path / "long.csv"
     path.write_text(f'prompt,completion\n"{long}",short\nhi,there\n')
     limit = csv.field_size_limit()
-    data = D.load(path, tok, max_length=32, mask_prompt=False)
+    data = load_data(path, tok, max_length=32, mask_prompt=False)
     assert len(data) == 2 and data.stats.truncated == 1
     assert csv.field_size_limit() == limit  # the process-wide limit is restored
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptedit import compare_stats as S
+from adaptedit import compare_stats
 from adaptedit.compare import CompareOptions, match_params, trainable_count
 
 from helpers import run_cli
@@ -232,26 +232,26 @@ def test_existing_folder_refused(done, tiny_llama, data):
 
 
 def test_t_quantile_against_closed_forms():
-    assert S.t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), abs=1e-9)
-    assert S.t_quantile(0.975, 2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), abs=1e-9)
-    assert S.t_quantile(0.975, 4) == pytest.approx(2.7764451052, abs=1e-8)  # printed tables
-    assert S.t_quantile(0.975, 9) == pytest.approx(2.2621571628, abs=1e-8)
+    assert compare_stats.t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), abs=1e-9)
+    assert compare_stats.t_quantile(0.975, 2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), abs=1e-9)
+    assert compare_stats.t_quantile(0.975, 4) == pytest.approx(2.7764451052, abs=1e-8)  # printed tables
+    assert compare_stats.t_quantile(0.975, 9) == pytest.approx(2.2621571628, abs=1e-8)
 
 
 def test_paired_interval_by_hand():
     # d = [0.5, 1.0, 2.5]: mean 4/3, s = √(13/12), half = t(0.975, 2)·s/√3
     a, b = {1: 1.0, 2: 2.0, 3: 4.0}, {1: 0.5, 2: 1.0, 3: 1.5}
     half = 0.95 / math.sqrt(0.04875) * math.sqrt(13 / 12) / math.sqrt(3)
-    p = S.paired(a, b, True)
+    p = compare_stats.paired(a, b, True)
     assert p["mean"] == pytest.approx(4 / 3) and p["std"] == pytest.approx(math.sqrt(13 / 12))
     assert (p["low"], p["high"]) == pytest.approx((4 / 3 - half, 4 / 3 + half))
     assert p["verdict"] == "within seed noise"  # -1.25 < 0 < 3.92
-    p = S.paired({1: 1.0, 2: 1.1, 3: 0.9}, {1: 2.0, 2: 2.05, 3: 1.95}, True)
+    p = compare_stats.paired({1: 1.0, 2: 1.1, 3: 0.9}, {1: 2.0, 2: 2.05, 3: 1.95}, True)
     assert p["high"] < 0 and p["verdict"] == "better"  # lower loss, interval clear of 0
-    assert S.paired({1: 2.0, 2: 2.05, 3: 1.95}, {1: 1.0, 2: 1.1, 3: 0.9}, False)["verdict"] == "better"
-    assert S.paired({1: 1.0}, {1: 2.0}, True)["low"] is None  # one seed: no interval
+    assert compare_stats.paired({1: 2.0, 2: 2.05, 3: 1.95}, {1: 1.0, 2: 1.1, 3: 0.9}, False)["verdict"] == "better"
+    assert compare_stats.paired({1: 1.0}, {1: 2.0}, True)["low"] is None  # one seed: no interval
     # only shared seeds are paired
-    assert S.paired({1: 1.0, 2: 2.0, 9: 50.0}, {1: 0.0, 2: 1.0, 7: 0.0}, True)["n"] == 2
+    assert compare_stats.paired({1: 1.0, 2: 2.0, 9: 50.0}, {1: 0.0, 2: 1.0, 7: 0.0}, True)["n"] == 2
 
 
 def test_best_lr_is_chosen_on_eval_never_test():
@@ -262,7 +262,7 @@ def test_best_lr_is_chosen_on_eval_never_test():
     # lr 0.1 is better on test, lr 0.01 on eval: eval decides
     res = [rec("m", 0.1, s, 2.0 + s / 10, 0.5) for s in (1, 2)] + \
           [rec("m", 0.01, s, 1.0 + s / 10, 3.0) for s in (1, 2)]
-    out = S.summarize(res, ["m"], {}, CompareOptions())
+    out = compare_stats.summarize(res, ["m"], {}, CompareOptions())
     m = out["methods"]["m"]
     assert m["best_lr"] == 0.01
     assert m["metrics"]["final_eval_loss"]["mean"] == pytest.approx(1.15)
@@ -271,8 +271,8 @@ def test_best_lr_is_chosen_on_eval_never_test():
 
 def test_loss_at_fractions():
     curve = [[i, float(i)] for i in range(1, 21)]  # 20 steps, windows of 2
-    assert S.loss_at(curve, 0.1) == 1.5 and S.loss_at(curve, 0.5) == 9.5
-    assert S.loss_at(curve, 1.0) == 19.5
+    assert compare_stats.loss_at(curve, 0.1) == 1.5 and compare_stats.loss_at(curve, 0.5) == 9.5
+    assert compare_stats.loss_at(curve, 1.0) == 19.5
 
 
 def test_budget_params_matches_the_count(tiny_llama):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from adaptedit import data as D
+from adaptedit import data
 from adaptedit.errors import AdapteditError
 from adaptedit.models import resolve
 
@@ -56,7 +56,7 @@ def parts(tok, ids, trained):
 
 
 def test_text_rows_train_every_token(tok, tmp_path):
-    d = D.load(write_jsonl(tmp_path / "t.jsonl", TEXT), tok, max_length=256)
+    d = data.load(write_jsonl(tmp_path / "t.jsonl", TEXT), tok, max_length=256)
     assert d.stats.format == "text" and len(d) == 2
     for (ids, trained), row in zip(examples(d), TEXT):
         assert all(trained)
@@ -65,7 +65,7 @@ def test_text_rows_train_every_token(tok, tmp_path):
 
 
 def test_prompt_completion_masks_exactly_the_prompt(tok, tmp_path):
-    d = D.load(write_jsonl(tmp_path / "pc.jsonl", PC), tok, max_length=256)
+    d = data.load(write_jsonl(tmp_path / "pc.jsonl", PC), tok, max_length=256)
     assert d.stats.format == "prompt-completion"
     for (ids, trained), row in zip(examples(d), PC):
         got, masked = parts(tok, ids, trained)
@@ -78,14 +78,14 @@ def test_prompt_completion_masks_exactly_the_prompt(tok, tmp_path):
         # trained tokens form one contiguous block at the end
         first = trained.index(True)
         assert all(trained[first:]) and not any(trained[:first])
-    batch = D.collate([d.example(0)], pad_id=0)
+    batch = data.collate([d.example(0)], pad_id=0)
     labels, ids = batch["labels"][0], batch["input_ids"][0]
     n_prompt = examples(d)[0][1].index(True)
-    assert (labels[:n_prompt] == D.IGNORE).all() and torch.equal(labels[n_prompt:], ids[n_prompt:])
+    assert (labels[:n_prompt] == data.IGNORE).all() and torch.equal(labels[n_prompt:], ids[n_prompt:])
 
 
 def test_no_mask_prompt_trains_everything(tok, tmp_path):
-    d = D.load(write_jsonl(tmp_path / "c.jsonl", CHAT), tok, max_length=256, mask_prompt=False)
+    d = data.load(write_jsonl(tmp_path / "c.jsonl", CHAT), tok, max_length=256, mask_prompt=False)
     assert all(all(t) for _, t in examples(d))
 
 
@@ -102,14 +102,14 @@ def _check_chat(tok, d, eot):
 
 def test_chat_masking_tiny_chatml(tok, tmp_path):
     assert tok.chat_template, "the tiny_llama fixture should carry a ChatML template"
-    d = D.load(write_jsonl(tmp_path / "c.jsonl", CHAT), tok, max_length=256)
+    d = data.load(write_jsonl(tmp_path / "c.jsonl", CHAT), tok, max_length=256)
     assert d.stats.format == "messages"
     _check_chat(tok, d, "<|im_end|>")
 
 
 @pytest.mark.slow
 def test_chat_masking_real_smollm2_template(smol_tok, tmp_path):
-    d = D.load(write_jsonl(tmp_path / "c.jsonl", CHAT), smol_tok, max_length=256)
+    d = data.load(write_jsonl(tmp_path / "c.jsonl", CHAT), smol_tok, max_length=256)
     _check_chat(smol_tok, d, "<|im_end|>")
     ids, trained = examples(d)[0]
     # the default system prompt, the user turn and the assistant header are all masked
@@ -122,14 +122,14 @@ def test_unknown_role_is_an_error_unless_the_template_knows_it(tok, tmp_path):
                                    {"role": "assistant", "content": "x"}]}]
     path = write_jsonl(tmp_path / "r.jsonl", rows)
     with pytest.raises(AdapteditError, match=r"r.jsonl:2: messages\[0\].role 'wizard' is neither"):
-        D.load(path, tok, max_length=256)
+        data.load(path, tok, max_length=256)
     tpl = tmp_path / "t.jinja"  # a template with its own role (as GLM-4's "observation")
     tpl.write_text("{% for m in messages %}{% if m['role'] == 'wizard' %}[magic]{% endif %}"
                    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     tok2 = copy.deepcopy(tok)
-    D.set_chat_template(tok2, tpl)
-    assert len(D.load(path, tok2, max_length=256)) == 2
+    data.set_chat_template(tok2, tpl)
+    assert len(data.load(path, tok2, max_length=256)) == 2
 
 
 def test_generation_tag_template_gives_the_same_mask(tok, tmp_path):
@@ -142,18 +142,18 @@ def test_generation_tag_template_gives_the_same_mask(tok, tmp_path):
     rows = write_jsonl(tmp_path / "c.jsonl", CHAT)
     old = tok.chat_template
     try:
-        D.set_chat_template(tok, path)
-        assert D.Tokenize(tok).generation_tags
+        data.set_chat_template(tok, path)
+        assert data.Tokenize(tok).generation_tags
         render = tok.apply_chat_template(CHAT[1]["messages"], tokenize=False)
-        a = examples(D.load(rows, tok, max_length=256))
+        a = examples(data.load(rows, tok, max_length=256))
         tok.chat_template = tpl.replace("{% generation %}", "").replace("{% endgeneration %}", "")
         assert tok.apply_chat_template(CHAT[1]["messages"], tokenize=False) == render
-        assert not D.Tokenize(tok).generation_tags
-        b = examples(D.load(rows, tok, max_length=256))
+        assert not data.Tokenize(tok).generation_tags
+        b = examples(data.load(rows, tok, max_length=256))
     finally:
         tok.chat_template = old
     assert a == b
-    _check_chat(tok, D.load(rows, tok, max_length=256), "<|im_end|>")
+    _check_chat(tok, data.load(rows, tok, max_length=256), "<|im_end|>")
 
 
 def test_missing_chat_template_says_so(tok, tmp_path):
@@ -161,11 +161,11 @@ def test_missing_chat_template_says_so(tok, tmp_path):
     tok.chat_template = None
     try:
         with pytest.raises(AdapteditError, match="no chat template.*--chat-template"):
-            D.load(write_jsonl(tmp_path / "c.jsonl", CHAT), tok, max_length=256)
+            data.load(write_jsonl(tmp_path / "c.jsonl", CHAT), tok, max_length=256)
         tpl = tmp_path / "t.jinja"
         tpl.write_text(old)
-        D.set_chat_template(tok, tpl)
-        assert len(D.load(write_jsonl(tmp_path / "c.jsonl", CHAT), tok, max_length=256)) == 2
+        data.set_chat_template(tok, tpl)
+        assert len(data.load(write_jsonl(tmp_path / "c.jsonl", CHAT), tok, max_length=256)) == 2
     finally:
         tok.chat_template = old
 
@@ -175,7 +175,7 @@ def test_missing_chat_template_says_so(tok, tmp_path):
 
 def test_every_file_format_gives_the_same_tokens(tok, tmp_path):
     rows = PC
-    ref = examples(D.load(write_jsonl(tmp_path / "a.jsonl", rows), tok, max_length=256))
+    ref = examples(data.load(write_jsonl(tmp_path / "a.jsonl", rows), tok, max_length=256))
     (tmp_path / "b.json").write_text(json.dumps(rows, indent=2))
     with open(tmp_path / "c.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["prompt", "completion"])
@@ -186,9 +186,9 @@ def test_every_file_format_gives_the_same_tokens(tok, tmp_path):
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     for name in ("b.json", "c.csv", "d.parquet"):
-        assert examples(D.load(tmp_path / name, tok, max_length=256)) == ref, name
+        assert examples(data.load(tmp_path / name, tok, max_length=256)) == ref, name
     # chat rows in JSON list, Parquet (list of structs) and CSV (a JSON column)
-    cref = examples(D.load(write_jsonl(tmp_path / "m.jsonl", CHAT), tok, max_length=256))
+    cref = examples(data.load(write_jsonl(tmp_path / "m.jsonl", CHAT), tok, max_length=256))
     (tmp_path / "m.json").write_text(json.dumps(CHAT))
     pq.write_table(pa.Table.from_pylist(CHAT), tmp_path / "m.parquet")
     with open(tmp_path / "m.csv", "w", newline="") as f:
@@ -196,30 +196,30 @@ def test_every_file_format_gives_the_same_tokens(tok, tmp_path):
         w.writerow(["messages"])
         w.writerows([[json.dumps(r["messages"])] for r in CHAT])
     for name in ("m.json", "m.parquet", "m.csv"):
-        assert examples(D.load(tmp_path / name, tok, max_length=256)) == cref, name
+        assert examples(data.load(tmp_path / name, tok, max_length=256)) == cref, name
 
 
 def test_extra_fields_are_ignored_and_json_lines_in_dot_json(tok, tmp_path):
     rows = [dict(r, id=i) for i, r in enumerate(TEXT)]
-    d = D.load(write_jsonl(tmp_path / "x.json", rows), tok, max_length=256)  # JSONL named .json
+    d = data.load(write_jsonl(tmp_path / "x.json", rows), tok, max_length=256)  # JSONL named .json
     assert len(d) == 2
 
 
 def test_truncation_and_dropping_are_counted(tok, tmp_path):
     rows = [{"prompt": "word " * 40, "completion": "answer"}, PC[1], {"text": "x"}]
     path = write_jsonl(tmp_path / "t.jsonl", rows[:2])
-    d = D.load(path, tok, max_length=20)
+    d = data.load(path, tok, max_length=20)
     assert d.stats.truncated == 1 and d.stats.dropped_no_target == 1 and len(d) == 1
     assert d.stats.max_tokens <= 20
     with pytest.raises(AdapteditError, match="no trainable example left.*1 examples had no trained"):
-        D.load(write_jsonl(tmp_path / "u.jsonl", rows[:1]), tok, max_length=20)
+        data.load(write_jsonl(tmp_path / "u.jsonl", rows[:1]), tok, max_length=20)
 
 
 def test_stream_is_a_pure_function_of_position(tok, tmp_path):
     rows = [{"text": f"row {i}"} for i in range(7)]
-    d = D.load(write_jsonl(tmp_path / "s.jsonl", rows), tok, max_length=32)
-    a = [D.Stream(d, 3).index(p) for p in range(30)]
-    s = D.Stream(d, 3)
+    d = data.load(write_jsonl(tmp_path / "s.jsonl", rows), tok, max_length=32)
+    a = [data.Stream(d, 3).index(p) for p in range(30)]
+    s = data.Stream(d, 3)
     b = [s.index(p) for p in [*range(15, 30), *range(15)]]
     assert a == b[15:] + b[:15]
     assert sorted(a[:7]) == list(range(7)) and sorted(a[7:14]) == list(range(7)) and a[:7] != a[7:14]
@@ -227,12 +227,12 @@ def test_stream_is_a_pure_function_of_position(tok, tmp_path):
 
 def test_eval_split_is_seeded_and_disjoint(tok, tmp_path):
     rows = [{"text": f"row number {i}"} for i in range(40)]
-    d = D.load(write_jsonl(tmp_path / "s.jsonl", rows), tok, max_length=32)
-    tr, ev = D.split(d, 0.1, seed=1)
+    d = data.load(write_jsonl(tmp_path / "s.jsonl", rows), tok, max_length=32)
+    tr, ev = data.split(d, 0.1, seed=1)
     assert len(ev) == 4 and len(tr) == 36
     seen = {tuple(x) for x, _ in examples(tr)} | {tuple(x) for x, _ in examples(ev)}
     assert len(seen) == 40
-    assert examples(D.split(d, 0.1, seed=1)[1]) == examples(ev)
+    assert examples(data.split(d, 0.1, seed=1)[1]) == examples(ev)
 
 
 # ------------------------------------------------------------------------------------ bad rows
@@ -259,10 +259,10 @@ BAD = [
 def test_bad_row_names_file_line_and_problem(tok, tmp_path, line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [TEXT[0], "", line, TEXT[1]])
     with pytest.raises(AdapteditError) as e:
-        D.load(path, tok, max_length=64)
+        data.load(path, tok, max_length=64)
     msg = str(e.value)
     assert msg.startswith(f"{path}:3: ") and message in msg and "\n" not in msg
-    d = D.load(path, tok, max_length=64, skip_bad_rows=True)
+    d = data.load(path, tok, max_length=64, skip_bad_rows=True)
     assert len(d) == 2 and d.stats.bad_rows == 1 and d.stats.first_bad.startswith(f"{path}:3:")
 
 
@@ -270,26 +270,26 @@ def test_bad_rows_in_json_list_and_csv(tok, tmp_path):
     p = tmp_path / "b.json"
     p.write_text('[\n  {"text": "a"},\n  {"text": 3}\n]')
     with pytest.raises(AdapteditError, match=rf"^{p}:3: 'text' must be a string"):
-        D.load(p, tok, max_length=64)
+        data.load(p, tok, max_length=64)
     p.write_text('[\n  {"text": "a"},\n  {"text": \n]')
     with pytest.raises(AdapteditError, match=rf"^{p}:4: invalid JSON"):
-        D.load(p, tok, max_length=64)
+        data.load(p, tok, max_length=64)
     c = tmp_path / "b.csv"
     c.write_text('prompt,completion\na,b\n"multi\nline",c,extra\nd,e\n')
     with pytest.raises(AdapteditError, match=rf"^{c}:3: 3 fields, the header has 2"):
-        D.load(c, tok, max_length=64)
-    assert D.load(c, tok, max_length=64, skip_bad_rows=True).stats.bad_rows == 1
+        data.load(c, tok, max_length=64)
+    assert data.load(c, tok, max_length=64, skip_bad_rows=True).stats.bad_rows == 1
 
 
 def test_nothing_usable_is_an_error_never_a_zero_loss(tok, tmp_path):
     with pytest.raises(AdapteditError, match="holds no rows"):
-        D.load(write_jsonl(tmp_path / "e.jsonl", [""]), tok, max_length=64)
+        data.load(write_jsonl(tmp_path / "e.jsonl", [""]), tok, max_length=64)
     with pytest.raises(AdapteditError, match="no trainable example left: 2 bad rows"):
-        D.load(write_jsonl(tmp_path / "f.jsonl", ['{"x": 1}', "[]"]), tok, max_length=64,
+        data.load(write_jsonl(tmp_path / "f.jsonl", ['{"x": 1}', "[]"]), tok, max_length=64,
                skip_bad_rows=True)
     only_users = [{"messages": [{"role": "user", "content": "hi"}]}]
     with pytest.raises(AdapteditError, match="had no trained token"):
-        D.load(write_jsonl(tmp_path / "g.jsonl", only_users), tok, max_length=64)
+        data.load(write_jsonl(tmp_path / "g.jsonl", only_users), tok, max_length=64)
     with pytest.raises(AdapteditError, match="unknown data file type"):
-        D.load(tmp_path / "g.txt" if (tmp_path / "g.txt").write_text("x") else None, tok,
+        data.load(tmp_path / "g.txt" if (tmp_path / "g.txt").write_text("x") else None, tok,
                max_length=64)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from adaptedit import geometry as G
-from adaptedit.inspect import analyze_module
+from adaptedit import geometry
+from adaptedit.analysis import analyze_module
 
 
 def _orth(n, k, gen):
@@ -122,11 +122,11 @@ def test_row_scaling_changes_magnitude_only():
     w0 = torch.randn(20, 16, generator=g, dtype=torch.float64)
     w0 = w0 / w0.norm(dim=1, keepdim=True)  # unit rows: ΔM is the mean scaling change
     c = 1 + 0.3 * torch.rand(20, generator=g, dtype=torch.float64)
-    dm, dd = G.magnitude_direction(w0, w0 * c[:, None])
+    dm, dd = geometry.magnitude_direction(w0, w0 * c[:, None])
     assert dd == pytest.approx(0, abs=1e-12)
     assert dm == pytest.approx(float((c - 1).mean()), rel=1e-12)
     # the same through the factors: ΔW = diag(c − 1) W₀
-    dm2, dd2 = G.magnitude_direction_lowrank(w0, torch.diag(c - 1), w0)
+    dm2, dd2 = geometry.magnitude_direction_lowrank(w0, torch.diag(c - 1), w0)
     assert dm2 == pytest.approx(dm, rel=1e-10) and dd2 == pytest.approx(0, abs=1e-12)
 
 
@@ -135,7 +135,7 @@ def test_rotation_of_rows_changes_direction_only():
     w0 = torch.randn(20, 16, generator=g, dtype=torch.float64)
     r = _orth(16, 16, g)
     w1 = w0 @ r.T  # every row rotated by R: norms kept
-    dm, dd = G.magnitude_direction(w0, w1)
+    dm, dd = geometry.magnitude_direction(w0, w1)
     assert dm == pytest.approx(0, abs=1e-12)
     cos = (w0 * w1).sum(1) / (w0.norm(dim=1) * w1.norm(dim=1))
     assert dd == pytest.approx(float((1 - cos).mean()), rel=1e-12)
@@ -174,27 +174,27 @@ def test_small_update_has_no_intruders():
 
 def test_ranks_of_known_spectra():
     flat = torch.ones(7)
-    assert G.effective_rank(flat) == pytest.approx(7)
-    assert G.stable_rank(flat) == pytest.approx(7)
-    assert G.energy_rank(flat, 0.9) == 7 and G.energy_rank(flat, 0.5) == 4
+    assert geometry.effective_rank(flat) == pytest.approx(7)
+    assert geometry.stable_rank(flat) == pytest.approx(7)
+    assert geometry.energy_rank(flat, 0.9) == 7 and geometry.energy_rank(flat, 0.5) == 4
     one = torch.tensor([3.0, 0, 0, 0])
-    assert G.effective_rank(one) == pytest.approx(1)
-    assert G.stable_rank(one) == pytest.approx(1)
-    assert G.energy_rank(one, 0.99) == 1
+    assert geometry.effective_rank(one) == pytest.approx(1)
+    assert geometry.stable_rank(one) == pytest.approx(1)
+    assert geometry.energy_rank(one, 0.99) == 1
     s = torch.tensor([2.0, 1.0])
     p = torch.tensor([2 / 3, 1 / 3])
-    assert G.effective_rank(s) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
-    assert G.stable_rank(s) == pytest.approx(5 / 4)
-    assert G.energy_rank(torch.tensor([3.0, 1.0]), 0.9) == 1  # 9/10 of the energy in σ₁
-    assert G.energy_rank(torch.tensor([3.0, 1.0]), 0.95) == 2
-    assert G.effective_rank(torch.zeros(3)) == 0 and G.stable_rank(torch.zeros(3)) == 0
+    assert geometry.effective_rank(s) == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+    assert geometry.stable_rank(s) == pytest.approx(5 / 4)
+    assert geometry.energy_rank(torch.tensor([3.0, 1.0]), 0.9) == 1  # 9/10 of the energy in σ₁
+    assert geometry.energy_rank(torch.tensor([3.0, 1.0]), 0.95) == 2
+    assert geometry.effective_rank(torch.zeros(3)) == 0 and geometry.stable_rank(torch.zeros(3)) == 0
 
 
 def test_factor_svd_equals_dense_svd():
     g = torch.Generator().manual_seed(7)
     p = torch.randn(50, 6, generator=g, dtype=torch.float64)
     q = torch.randn(6, 30, generator=g, dtype=torch.float64)
-    u, s, vh = G.delta_svd(p, q)
+    u, s, vh = geometry.delta_svd(p, q)
     ud, sd, vhd = torch.linalg.svd(p @ q, full_matrices=False)
     assert torch.allclose(s, sd[:6], rtol=1e-10)
     assert torch.allclose((u * s) @ vh, p @ q, atol=1e-10)
@@ -206,14 +206,14 @@ def test_principal_angles_and_similarity():
     g = torch.Generator().manual_seed(8)
     basis = _orth(20, 6, g)
     a, b = basis[:, :3], basis[:, 3:]
-    assert G.principal_angles(a, a).max() == pytest.approx(0, abs=1e-5)
-    assert G.principal_angles(a, b).min() == pytest.approx(90, abs=1e-5)
-    assert G.subspace_similarity(a, a) == pytest.approx(1)
-    assert G.subspace_similarity(a, b) == pytest.approx(0, abs=1e-12)
+    assert geometry.principal_angles(a, a).max() == pytest.approx(0, abs=1e-5)
+    assert geometry.principal_angles(a, b).min() == pytest.approx(90, abs=1e-5)
+    assert geometry.subspace_similarity(a, a) == pytest.approx(1)
+    assert geometry.subspace_similarity(a, b) == pytest.approx(0, abs=1e-12)
     # one shared direction out of 3: φ = 1/3; the angles are 0, 90, 90
     c = torch.cat([a[:, :1], b[:, :2]], 1)
-    assert G.subspace_similarity(a, c) == pytest.approx(1 / 3)
-    assert G.principal_angles(a, c).tolist() == pytest.approx([0, 90, 90], abs=1e-4)
+    assert geometry.subspace_similarity(a, c) == pytest.approx(1 / 3)
+    assert geometry.principal_angles(a, c).tolist() == pytest.approx([0, 90, 90], abs=1e-4)
 
 
 def test_amplification_matches_definition():
@@ -223,7 +223,7 @@ def test_amplification_matches_definition():
                                                                            dtype=torch.float64)
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
     ref = float(d.norm() / (u[:, :3].T @ w0 @ vh[:3].T).norm())
-    assert G.amplification(w0, u[:, :3], s[:3], vh[:3]) == pytest.approx(ref)
+    assert geometry.amplification(w0, u[:, :3], s[:3], vh[:3]) == pytest.approx(ref)
 
 
 def test_top_left_singular_matches_exact():
@@ -232,7 +232,7 @@ def test_top_left_singular_matches_exact():
     p = torch.randn(60, 4, generator=g, dtype=torch.float64)
     q = torch.randn(4, 40, generator=g, dtype=torch.float64)
     u0 = torch.linalg.svd(w0, full_matrices=False).U
-    u1, s1 = G.top_left_singular(w0, 5, torch.cat([u0[:, :13], p], 1), p=p, q=q, niter=6)
+    u1, s1 = geometry.top_left_singular(w0, 5, torch.cat([u0[:, :13], p], 1), p=p, q=q, niter=6)
     ue, se, _ = torch.linalg.svd(w0 + p @ q, full_matrices=False)
     assert torch.allclose(s1, se[:5], rtol=1e-6)
     assert torch.allclose((u1.T @ ue[:, :5]).abs().diagonal(), torch.ones(5, dtype=torch.float64),
@@ -240,7 +240,7 @@ def test_top_left_singular_matches_exact():
 
 
 def test_pearson():
-    assert G.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1)
-    assert G.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
-    assert G.pearson([1, 2], [1, 2]) is None
-    assert G.pearson([1, 1, 1], [1, 2, 3]) is None
+    assert geometry.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1)
+    assert geometry.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
+    assert geometry.pearson([1, 2], [1, 2]) is None
+    assert geometry.pearson([1, 1, 1], [1, 2, 3]) is None

@@ -12,7 +12,7 @@ from orthogonal import (export_matches_peft, init_is_identity, merge_matches_ada
 
 from adaptedit.errors import AdapteditError
 from adaptedit.init import InitOptions, build
-from adaptedit.inspect import inspect_adapters
+from adaptedit.analysis import inspect_adapters
 from adaptedit.layer import attach, penalty
 from adaptedit.methods import hra
 from adaptedit.models import resolve

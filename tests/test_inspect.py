@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from adaptedit.formats import load_adapter
 from adaptedit.errors import AdapteditError
 from adaptedit.init import InitOptions, build
-from adaptedit.inspect import Options, inspect_adapters, inspect_checkpoints
+from adaptedit.analysis import Options, inspect_adapters, inspect_checkpoints
 from adaptedit.models import resolve
 from adaptedit.targets import from_w, to_w
 
@@ -177,7 +177,7 @@ def test_cli_json_schema(tiny_llama, tmp_path):
     code, out, err = run_cli(["inspect", str(folder), "--json"])
     assert code == 0, err
     rep = json.loads(out)
-    assert rep["schema"] == "adaptedit.inspect" and rep["schema_version"] == 1
+    assert rep["schema"] == "adaptedit.analysis" and rep["schema_version"] == 1
     for key in ("mode", "base", "adapter", "tuned", "options", "verdict", "model", "by_type",
                 "by_layer", "modules", "md", "svd_cache", "notes", "seconds"):
         assert key in rep, key
@@ -304,7 +304,7 @@ def test_randomized_base_svd_and_damaged_cache(tiny_llama, tmp_path, monkeypatch
 def test_verdict_is_relative_to_a_random_update():
     """E_top alone misleads when k is a large share of the dimensions: isotropic noise with
     E_top ≈ E_bottom ≈ 0.7 and a random baseline of 0.77 is spread, not concentrated."""
-    from adaptedit.inspect import verdict
+    from adaptedit.analysis import verdict
 
     base = {"modules": 4, "zero": 0, "rel": 0.01, "intruders": 0}
     noise = verdict({**base, "e_top": 0.69, "e_bottom": 0.70, "e_random": 0.77}, "checkpoints")

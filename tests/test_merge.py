@@ -293,16 +293,16 @@ def test_sigterm_removes_temp_folder(tiny_llama, tmp_path, monkeypatch):
     import os
     import signal
 
-    import adaptedit.merge as M
+    from adaptedit import merge
 
     ad = make_adapter(tiny_llama, tmp_path / "ad")
-    real = M.write_safetensors
+    real = merge.write_safetensors
 
     def killed(*a, **k):
         real(*a, **k)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(M, "write_safetensors", killed)
+    monkeypatch.setattr(merge, "write_safetensors", killed)
     old = signal.getsignal(signal.SIGTERM)
     try:
         code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "m"), "--no-verify"])
@@ -332,16 +332,16 @@ def test_truncated_base_shard(tiny_llama_sharded, tmp_path):
 
 
 def test_enospc_removes_temp_folder(tiny_llama, tmp_path, monkeypatch):
-    import adaptedit.merge as M
+    from adaptedit import merge as merge_module
 
     ad = make_adapter(tiny_llama, tmp_path / "ad")
-    real = M.write_safetensors
+    real = merge_module.write_safetensors
 
     def full(path, specs, produce, metadata=None):
         real(path, specs, produce, metadata)  # the disk fills up after the first shard
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(M, "write_safetensors", full)
+    monkeypatch.setattr(merge_module, "write_safetensors", full)
     with pytest.raises(AdapteditError, match="No space left"):
         merge([load_adapter(ad)], tmp_path / "m")
     assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path, "m")

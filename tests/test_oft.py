@@ -13,7 +13,7 @@ from orthogonal import (export_matches_peft, init_is_identity, merge_matches_ada
 
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.init import InitOptions, build
-from adaptedit.inspect import inspect_adapters
+from adaptedit.analysis import inspect_adapters
 from adaptedit.methods import oft
 from adaptedit.models import resolve
 from adaptedit.targets import Target

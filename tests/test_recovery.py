@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 import fixtures
 from helpers import make_adapter, run_cli
 
-from adaptedit import data as D
+from adaptedit.data import load as load_data
 from adaptedit import leftovers
 from adaptedit import checkpoints
-from adaptedit import train as T
+from adaptedit import train as training
 from adaptedit.train_config import make_config
 from adaptedit.errors import AdapteditError
 
@@ -94,7 +94,7 @@ def data(tmp_path_factory):
 def run_train(folder, data, out=None, resume=False, **kw):
     cfg, given = make_config({"data": str(data), "save_every": 1, "batch_size": 4, "lr": 1e-2,
                                 "device": "cpu", **kw}, resume=resume)
-    return T.train(T.prepare(folder, cfg, given=given, out=out, resume=resume))
+    return training.train(training.prepare(folder, cfg, given=given, out=out, resume=resume))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_a_read_only_adapter_folder_is_refused_before_any_work(adapter, data, tm
         def denied(*a, **k):
             raise PermissionError(errno.EACCES, "Permission denied")
 
-        monkeypatch.setattr(T.tempfile, "mkstemp", denied)
+        monkeypatch.setattr(training.tempfile, "mkstemp", denied)
     else:
         folder.chmod(0o555)
     try:
@@ -222,7 +222,7 @@ def test_a_long_row_keeps_the_same_tokens_as_whole_tokenization(kind, tok, tmp_p
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "short row"}) + "\n")
     for n in (16, 100, 700):
-        got = D.load(path, tok, max_length=n)
+        got = load_data(path, tok, max_length=n)
         assert got.example(0)[0].tolist() == _whole(tok, text, n), (kind, n)
         assert got.stats.truncated == 1 and got.example(1)[0].tolist()[-1] == tok.eos_token_id
 
@@ -231,7 +231,7 @@ def test_a_long_completion_is_masked_as_before(tok, tmp_path):
     prompt, completion = "Tom has 23 apples. " * 3, " He buys 15 more." * 5000
     path = tmp_path / "pc.jsonl"
     path.write_text(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
-    got = D.load(path, tok, max_length=64)
+    got = load_data(path, tok, max_length=64)
     enc = tok(prompt + completion, return_offsets_mapping=True)
     ids = enc["input_ids"][:64]
     trained = [e > len(prompt) and e > b for b, e in enc["offset_mapping"][:64]]
@@ -243,7 +243,7 @@ def test_a_huge_row_costs_what_max_length_needs(tok, tmp_path):
     path = tmp_path / "huge.jsonl"
     path.write_text(json.dumps({"text": "The quick brown fox jumps. " * 750_000}) + "\n")
     t0 = time.perf_counter()
-    got = D.load(path, tok, max_length=64)
+    got = load_data(path, tok, max_length=64)
     seconds = time.perf_counter() - t0
     assert len(got.example(0)[0]) == 64 and got.stats.truncated == 1
     assert seconds < 3.0, seconds  # whole: 208 s and 14 GB RSS for a 51 MB row on this machine

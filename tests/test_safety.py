@@ -150,11 +150,11 @@ def test_base_with_inf_in_an_untargeted_tensor_is_refused(tiny_llama, base, tmp_
 def test_verification_fails_on_non_finite_logits(tiny_llama, base, tmp_path, monkeypatch):
     """With the tensor check bypassed (as a bug would), verification alone must still refuse:
     max(0.0, nan) is 0.0 and a tolerance scaled by an infinite logit is infinite."""
-    from adaptedit import merge as M
+    from adaptedit import merge
 
     ad = make_adapter(tiny_llama, tmp_path / "ad2", method="lora", rank=4)
     _poison_untargeted(base)
-    monkeypatch.setattr(M, "check_finite", lambda *a, **k: None)
+    monkeypatch.setattr(merge, "check_finite", lambda *a, **k: None)
     code, _, err = run_cli(["merge", str(ad), "--base", str(base), "-o", str(tmp_path / "m")])
     assert code == 1
     line = one_line(err)

@@ -10,7 +10,7 @@ import fixtures
 from adaptedit import svd_cache
 from adaptedit.errors import AdapteditError
 from adaptedit.init import InitOptions, build
-from adaptedit.inspect import inspect_adapters
+from adaptedit.analysis import inspect_adapters
 from adaptedit.models import resolve
 
 from helpers import perturb

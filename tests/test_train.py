@@ -76,10 +76,10 @@ def cli(*args, timeout=120, **popen):
 
 
 def test_loss_on_trained_positions_equals_transformers_loss(tiny_llama, work):
-    from adaptedit import data as D
+    from adaptedit.data import load as load_data
 
     source = resolve(str(tiny_llama))
-    d = D.load(work / "small.jsonl", source.tokenizer(), max_length=64)
+    d = load_data(work / "small.jsonl", source.tokenizer(), max_length=64)
     batch = collate([d.example(i) for i in range(4)], pad_id=0)
     model = source.load(dtype=torch.float32)
     n = int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -163,7 +163,7 @@ def inspect(
     trust_remote_code: bool = TRUST,
 ):
     """What the update did: size, magnitude vs direction, subspaces, rank, intruder dimensions."""
-    from adaptedit import inspect as I
+    from adaptedit import analysis
 
     console.configure(quiet=quiet, json_mode=json_)
     adapters = adapters or []
@@ -175,21 +175,21 @@ def inspect(
         raise UsageError("--trajectory follows an adapter's checkpoints; it needs ADAPTER_DIR")
     if top is not None and top <= 0:
         raise UsageError(f"--top {top}: must be a positive integer")
-    if sort and sort not in I.NUMERIC:
-        raise UsageError(f"--sort {sort!r}: choose one of {', '.join(I.NUMERIC)}")
+    if sort and sort not in analysis.NUMERIC:
+        raise UsageError(f"--sort {sort!r}: choose one of {', '.join(analysis.NUMERIC)}")
     if plot is not None or html is not None:
         from adaptedit.report import require_matplotlib
 
         require_matplotlib()
     _check_outputs(plot, html, [*adapters, base, tuned], force)
-    opts = I.Options(targets=targets, k=k, intruder_k=intruder_k, intruder_eps=intruder_eps,
+    opts = analysis.Options(targets=targets, k=k, intruder_k=intruder_k, intruder_eps=intruder_eps,
                      svd=svd, seed=seed, cache=not no_cache)
     with console.progress(transient=True) as bar:
         if tuned is not None:
-            report = I.inspect_checkpoints(base, tuned, opts=opts, progress=bar,
+            report = analysis.inspect_checkpoints(base, tuned, opts=opts, progress=bar,
                                            trust_remote_code=trust_remote_code)
         else:
-            report = I.inspect_adapters(adapters, base=base, opts=opts, trajectory=trajectory,
+            report = analysis.inspect_adapters(adapters, base=base, opts=opts, trajectory=trajectory,
                                         progress=bar, trust_remote_code=trust_remote_code)
     written = []
     _check_outputs(plot, html, [*adapters, base, tuned, (report.get("base") or {}).get("path")],
@@ -209,7 +209,7 @@ def inspect(
         return
     what = (f"{report['tuned']['ref']} − {report['base']['ref']}" if report["tuned"]
             else f"{report['adapter']['path']} on {report['base']['ref']}")
-    rows = I.sort_modules(report["modules"], sort, top)
+    rows = analysis.sort_modules(report["modules"], sort, top)
     shown = f" (top {len(rows)} by {sort or 'fro'})" if top else ""
     console.show(module_table(rows, f"inspect {what}{shown}"))
     if any(r["layer"] is not None for r in report["modules"]):

@@ -220,12 +220,12 @@ class DoRA(Method):
     dora = True
 
     def __init__(self, inner: Method):
-        from adaptedit.methods import dora as D
+        from adaptedit.methods import dora
 
-        self.inner, self._d = inner, D
+        self.inner, self._d = inner, dora  # the modifier's tensor functions
         self.__dict__.update({k: v for k, v in inner.__dict__.items()
                               if k not in ("dora", "inner", "_d")})
-        self.TRAINABLE = inner.TRAINABLE + D.TRAINABLE
+        self.TRAINABLE = inner.TRAINABLE + dora.TRAINABLE
         refusal = getattr(inner.impl, "DORA", None)  # a string: why DoRA is not defined on it
         if isinstance(refusal, str):
             raise AdapteditError(f"--dora on {inner.name}: {refusal}; drop --dora")

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from adaptedit import __version__, checks
-from adaptedit import geometry as G
+from adaptedit import geometry
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.svd_cache import (EXACT_MAX, base_svd, best_cos, cache_max,  # noqa: F401
                                  svd_cache_path)
 from adaptedit.targets import Target, select, to_w
 
-SCHEMA = "adaptedit.inspect"
+SCHEMA = "adaptedit.analysis"
 SCHEMA_VERSION = 1
 SPECTRUM_MAX = 64  # singular values per module kept in the report
 CHECKPOINT_K = 16  # default k when ΔW comes from two checkpoints (no adapter rank)
@@ -85,58 +85,58 @@ def analyze_module(w0: torch.Tensor, svd0: dict, *, p: torch.Tensor | None = Non
     m = min(out_f, in_f)
     w0d = w0.double()
     w0_norm = float(torch.linalg.matrix_norm(w0d))
-    u_d, s_d, vh_d = G.delta_svd(p, q, dense=dense)
+    u_d, s_d, vh_d = geometry.delta_svd(p, q, dense=dense)
     fro = float(s_d.norm())
     rec = {"fro": fro, "rel": fro / w0_norm if w0_norm > 0 else None,
            "spectral": float(s_d[0]) if s_d.numel() else 0.0, "w0_fro": w0_norm}
     if fro == 0.0:
         return {**rec, **_empty()}
     if dense is not None:
-        rec["delta_m"], rec["delta_d"] = G.magnitude_direction(w0d, w0d + dense.double())
+        rec["delta_m"], rec["delta_d"] = geometry.magnitude_direction(w0d, w0d + dense.double())
     else:
-        rec["delta_m"], rec["delta_d"] = G.magnitude_direction_lowrank(w0d, p, q)
+        rec["delta_m"], rec["delta_d"] = geometry.magnitude_direction_lowrank(w0d, p, q)
 
     # where the update lives: W₀'s top-k and bottom-k singular subspaces, both sides
     u0, vh0 = svd0["u"].double(), svd0["vh"].double()
     kk = min(k, u0.shape[1])
     v_d = vh_d.T
-    rec["e_top_out"] = G.subspace_energy(u0[:, :kk], u_d, s_d)
-    rec["e_top_in"] = G.subspace_energy(vh0[:kk].T, v_d, s_d)
+    rec["e_top_out"] = geometry.subspace_energy(u0[:, :kk], u_d, s_d)
+    rec["e_top_in"] = geometry.subspace_energy(vh0[:kk].T, v_d, s_d)
     if svd0["complete"]:
         ub, vhb = u0, vh0  # W₀'s last singular vectors: the full matrices or their stored end
         if svd0.get("u_bottom") is not None:
             ub, vhb = svd0["u_bottom"].double(), svd0["vh_bottom"].double()
         nb = ub.shape[1]
-        rec["e_bottom_out"] = G.subspace_energy(ub[:, nb - k:], u_d, s_d)
-        rec["e_bottom_in"] = G.subspace_energy(vhb[nb - k:].T, v_d, s_d)
+        rec["e_bottom_out"] = geometry.subspace_energy(ub[:, nb - k:], u_d, s_d)
+        rec["e_bottom_in"] = geometry.subspace_energy(vhb[nb - k:].T, v_d, s_d)
     else:
         rec["e_bottom_out"] = rec["e_bottom_in"] = None
-    rec["e_top"] = G.two_sided_energy(u0[:, :kk], vh0[:kk].T, u_d, s_d, v_d)
-    rec["e_bottom"] = (G.two_sided_energy(ub[:, nb - k:], vhb[nb - k:].T, u_d, s_d, v_d)
+    rec["e_top"] = geometry.two_sided_energy(u0[:, :kk], vh0[:kk].T, u_d, s_d, v_d)
+    rec["e_bottom"] = (geometry.two_sided_energy(ub[:, nb - k:], vhb[nb - k:].T, u_d, s_d, v_d)
                        if svd0["complete"] else None)
     # what an isotropic random update would put there (output side, input side, either)
     rec["e_random"] = 1 - (1 - k / out_f) * (1 - k / in_f)
 
     # ΔW's own leading subspace against W₀'s
-    r_num = G.numerical_rank(s_d, w0.shape)
+    r_num = geometry.numerical_rank(s_d, w0.shape)
     kd = max(1, min(k, r_num))
-    angles = G.principal_angles(u_d[:, :kd], u0[:, :kk])
+    angles = geometry.principal_angles(u_d[:, :kd], u0[:, :kk])
     rec["angles_deg"] = [float(a) for a in angles]
     rec["angle_min"] = float(angles.min())
     rec["angle_mean"] = float(angles.mean())
-    rec["phi"] = G.subspace_similarity(u_d[:, :kd], u0[:, :kk])
-    rec["amplification"] = G.amplification(w0d, u_d[:, :kd], s_d[:kd], vh_d[:kd])
+    rec["phi"] = geometry.subspace_similarity(u_d[:, :kd], u0[:, :kk])
+    rec["amplification"] = geometry.amplification(w0d, u_d[:, :kd], s_d[:kd], vh_d[:kd])
     rec["numerical_rank"] = r_num
-    rec.update(G.rank_stats(s_d[:max(r_num, 1)]))
+    rec.update(geometry.rank_stats(s_d[:max(r_num, 1)]))
 
     # intruder dimensions: W₁'s top singular vectors against all of W₀'s
     ik = min(intruder_k, m)
     if dense is not None:
         start = torch.cat([u0[:, :ik + 8], u_d[:, :min(ik + 8, u_d.shape[1])]], dim=1)
-        u1, s1 = G.top_left_singular(w0d + dense.double(), ik, start[:, :out_f])
+        u1, s1 = geometry.top_left_singular(w0d + dense.double(), ik, start[:, :out_f])
     else:
         start = torch.cat([u0[:, :ik + 8], p.double()], dim=1)
-        u1, s1 = G.top_left_singular(w0d, ik, start[:, :out_f], p=p, q=q)
+        u1, s1 = geometry.top_left_singular(w0d, ik, start[:, :out_f], p=p, q=q)
     best = best_cos(svd0, u1, w0)  # against every left singular vector of W₀ (when exact)
     rec["intruders"] = int((best < eps).sum())
     rec["intruder_cos"] = [float(x) for x in best]
@@ -257,12 +257,12 @@ def md_correlation(points: list[dict]) -> dict:
     for pt in points:
         if pt["fro"] > 0:
             by_type.setdefault(pt["type"], []).append(pt)
-    corr = {t: G.pearson([p["delta_d"] for p in ps], [p["delta_m"] for p in ps])
+    corr = {t: geometry.pearson([p["delta_d"] for p in ps], [p["delta_m"] for p in ps])
             for t, ps in by_type.items()}
     vals = [c for c in corr.values() if c is not None]
     live = [p for ps in by_type.values() for p in ps]
     return {"by_type": corr, "mean": sum(vals) / len(vals) if vals else None,
-            "pooled": G.pearson([p["delta_d"] for p in live], [p["delta_m"] for p in live]),
+            "pooled": geometry.pearson([p["delta_d"] for p in live], [p["delta_m"] for p in live]),
             "reference": {"full_ft": -0.62, "dora": -0.31, "lora": 0.83}}
 
 
@@ -317,10 +317,10 @@ def _cheap_point(w: torch.Tensor, delta: dict | None) -> dict:
     wd = w.double()
     if "dense" in delta:
         d = delta["dense"].double()
-        dm, dd = G.magnitude_direction(wd, wd + d)
+        dm, dd = geometry.magnitude_direction(wd, wd + d)
         return {"fro": float(d.norm()), "delta_m": dm, "delta_d": dd}
     p, q = delta["p"], delta["q"]
-    dm, dd = G.magnitude_direction_lowrank(wd, p, q)
+    dm, dd = geometry.magnitude_direction_lowrank(wd, p, q)
     fro = math.sqrt(max(float(((p.T @ p) * (q @ q.T)).sum()), 0.0))  # ‖PQ‖²_F = tr(PᵀP QQᵀ)
     return {"fro": fro, "delta_m": dm, "delta_d": dd}
 
