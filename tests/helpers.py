@@ -57,6 +57,8 @@ def make_adapter(base: Path, folder: Path, *, method="lora", dora=False, rank=4,
     from adaptedit.init import InitOptions, build
     from adaptedit.models import resolve
 
+    if not REGISTRY[method].RANKED:
+        rank = None  # a method without a rank (IA3, RoAd) refuses one
     ad = build(resolve(str(base)), InitOptions(method=method, dora=dora, rank=rank, seed=seed, **kw))
     if trained:
         perturb(ad, seed)
@@ -88,14 +90,25 @@ def tensors(folder: Path) -> dict:
     return out
 
 
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """``n`` chat rows of two-number sums (user question, assistant answer), seeded."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 40), rng.randint(1, 40)
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
+    return rows
+
+
 def train_and_resume(base: Path, tmp_path: Path, opts, steps: int = 6, lr: float = 5e-2):
     """Train a fresh adapter of ``opts`` (an InitOptions) for ``steps`` steps with a checkpoint every
     ``steps // 2``, then resume a copy from that checkpoint. Returns (summary of the uninterrupted
     run, its final tensors, the resumed run's final tensors); the adapter's θ₀ is in tmp_path/ad."""
     import json
     import shutil
-
-    from test_train import chat_rows
 
     from adaptedit import train as training
     from adaptedit.adapter import save_adapter

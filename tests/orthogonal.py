@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
-from helpers import logits, perturb
+from helpers import chat_rows, logits, perturb
 
 from adaptedit import train as training
 from adaptedit.adapter import save_adapter
@@ -46,16 +45,6 @@ def export_matches_peft(base: Path, tmp: Path, scale: float = 0.2, **kw) -> dict
     assert (ours - logits(resolve(str(base)).load())).abs().max() > 1e-2  # the update matters
     assert (peft_logits(base, tmp / "peft") - ours).abs().max() <= 1e-5
     return json.loads((tmp / "peft" / "adapter_config.json").read_text())
-
-
-def chat_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(1, 40), rng.randint(1, 40)
-        out.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                 {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
-    return out
 
 
 def _train(folder, data, out, resume=False, **kw):

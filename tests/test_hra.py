@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 from helpers import perturb, run_cli
-from orthogonal import (export_matches_peft, init_is_identity, merge_matches_adapter,
-                        train_and_resume_exact)
+from orthogonal import export_matches_peft, init_is_identity, merge_matches_adapter
 
 from adaptedit.errors import AdapteditError
 from adaptedit.init import InitOptions, build
@@ -135,11 +134,6 @@ def test_inspect_reports_rotation_angles(tiny_llama, tmp_path):
 def test_merge_is_exact_and_verified(tiny_llama, tiny_gpt2, tmp_path, dora):
     merge_matches_adapter(tiny_llama, tmp_path / "l", method="hra", dora=dora, rank=4)
     merge_matches_adapter(tiny_gpt2, tmp_path / "g", method="hra", dora=dora, rank=4)
-
-
-def test_train_and_resume_exact(tiny_llama, tmp_path):
-    train_and_resume_exact(tiny_llama, tmp_path, lr=5e-2, method="hra", rank=4,
-                           options={"hra_lambda": 1e-4})
 
 
 def test_identity_pairs_survive_the_exact_arithmetic():

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import IDS, logits, perturb, run_cli, train_and_resume
+from helpers import IDS, logits, perturb, run_cli
 
 from adaptedit.adapter import save_adapter
 from adaptedit.errors import AdapteditError
@@ -143,9 +143,3 @@ def test_inspect_reports_the_gain_distribution(tiny_llama, tmp_path):
                                   .mean())) / 2, abs=1e-12)
 
 
-def test_train_moves_gains_and_resume_is_exact(tiny_llama, tmp_path):
-    s, a, b = train_and_resume(tiny_llama, tmp_path, InitOptions(method="ia3"))
-    assert s["final_loss"] < s["first_loss"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["model.layers.0.self_attn.k_proj.ia3_l"], torch.ones(16))
-    assert torch.equal(a["model.layers.0.self_attn.k_proj.ia3_input"], torch.zeros(1))

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 from helpers import perturb, run_cli
-from orthogonal import (export_matches_peft, init_is_identity, merge_matches_adapter,
-                        train_and_resume_exact)
+from orthogonal import export_matches_peft, init_is_identity, merge_matches_adapter
 
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.init import InitOptions, build
@@ -155,11 +154,6 @@ def test_inspect_reports_rotation_angles(tiny_llama, tmp_path):
             <= 1e-6
         assert m["orthogonality_error"] <= 1e-6
         assert rec["fro"] > 0 and not rec["zero"]
-
-
-def test_train_and_resume_exact(tiny_llama, tmp_path):
-    train_and_resume_exact(tiny_llama, tmp_path, lr=5e-2, method="oft",
-                           options={"block_size": 8})
 
 
 @pytest.mark.parametrize("dora", [False, True])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import chat_rows
 
 from adaptedit import train as training
 from adaptedit.checkpoints import STATE_JSON, STATE_TENSORS, checkpoint_dirs
@@ -30,16 +31,6 @@ from adaptedit.models import resolve
 from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def chat_rows(n, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(1, 40), rng.randint(1, 40)
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
-    return rows
 
 
 @pytest.fixture(scope="module")
