@@ -3,6 +3,9 @@
     heatmap_<metric>.png   layer × module type of one metric (rel, e_top, e_bottom, delta_d)
     md_scatter.png         ΔD vs ΔM per module, coloured by module type; trajectories joined by step
     spectrum.png           singular values of ΔW against W₀'s, for the modules with the largest ΔW
+    by_index_<name>.png, distribution_<name>.png
+                           what the method exposes per singular index (SVFT/SSVD: ΔΣ) or per
+                           channel (IA3/VeRA/RoAd gains), from its ``vectors`` (method_plots.py)
 
 The HTML page embeds the PNGs as base64 and the tables as plain HTML: one file, nothing to fetch.
 """
@@ -144,6 +147,9 @@ def figures(report: dict) -> dict:
                 figs[f"heatmap_{metric}.png"] = heatmap(report, metric, title)
     figs["md_scatter.png"] = md_scatter(report)
     figs["spectrum.png"] = spectrum(report)
+    from adaptedit import method_plots
+
+    figs.update(method_plots.figures(report))
     return figs
 
 
@@ -155,7 +161,11 @@ def check_plot_dir(folder: Path, force: bool) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise AdapteditError(f"--plot {folder}: is a file; give a folder")
+    from adaptedit.method_plots import PATTERNS
+
     there = [n for n in PLOT_NAMES if (folder / n).exists() or (folder / n).is_symlink()]
+    if folder.is_dir():
+        there += sorted(p.name for pat in PATTERNS for p in folder.glob(pat))
     if there and not force:
         raise AdapteditError(f"--plot {folder}: {there[0]} already exists; pass --force to replace "
                              "the plots, or choose another folder")

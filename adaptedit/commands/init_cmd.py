@@ -53,7 +53,7 @@ def init(
     quiet: bool = QUIET,
     trust_remote_code: bool = TRUST,
 ):
-    """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA, OFT, HRA, IA3, VeRA, SVFT, RoAd; +DoRA) and write it to OUT."""
+    """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA, OFT, HRA, IA3, VeRA, SVFT, SSVD, RoAd; +DoRA) and write it to OUT."""
     console.configure(quiet=quiet, json_mode=json_)
     if (rank is not None or rank_pattern) and method in METHODS and not METHODS[method].RANKED:
         flag = "--rank" if rank is not None else "--rank-pattern"

@@ -8,7 +8,8 @@ names: layer, merge, inspect, export and train call the entry's functions.
 """
 
 from adaptedit.errors import UsageError
-from adaptedit.methods import delora, dora, hra, ia3, lora, oft, olora, pissa, road, svft, vera
+from adaptedit.methods import (delora, dora, hra, ia3, lora, oft, olora, pissa, road, ssvd, svft,
+                               vera)
 from adaptedit.methods.base import DoRA, Method
 
 METHODS = {
@@ -23,6 +24,7 @@ METHODS = {
     "vera": Method("vera", vera),
     "svft": Method("svft", svft),
     "road": Method("road", road),
+    "ssvd": Method("ssvd", ssvd),
 }
 
 

@@ -19,6 +19,9 @@ optional
     ``delta(w, t, info)`` (default: from ``terms``, else merged − w),
     ``is_identity(t)`` (default: every trainable tensor equals its θ₀ copy "<name>0"),
     ``extras(t, info, w, fro) -> dict`` (what inspect reports only for this method),
+    ``VECTORS`` ({name: (kind, label)}, kind "by_index" or "distribution") and
+    ``vectors(t, info) -> {name: 1-D tensor}`` (what ``inspect --plot`` draws per singular index
+    or as a histogram per layer type: :mod:`adaptedit.method_plots`),
     ``validate(t, info) -> str | None`` (a loaded adapter's tensors; the problem or None),
     ``OPTIONS`` ({option: default}) and ``plan(targets, ranks, options, rank_given) -> (ranks,
     options)`` (resolved against the targets, recorded in adaptedit.json; default: r ≤ min(out,
@@ -79,6 +82,7 @@ class Method:
         self.SCALED = getattr(impl, "SCALED", True)
         self.RANKED = getattr(impl, "RANKED", True)  # False: no rank to choose (--rank refused)
         self.TARGETS = getattr(impl, "TARGETS", None)  # default --targets (None: all-linear)
+        self.VECTORS = dict(getattr(impl, "VECTORS", {}))  # {name: (kind, label)}: inspect's plots
         self.lowrank = hasattr(impl, "terms")
         self.PEFT = getattr(impl, "PEFT", None)
         if self.PEFT is None and self.lowrank:
@@ -187,6 +191,12 @@ class Method:
     def extras(self, t: dict, info, w: torch.Tensor | None, fro: float) -> dict:
         own = getattr(self.impl, "extras", None)
         return own(t, info, w, fro) if own is not None else {}
+
+    def vectors(self, t: dict, info) -> dict:
+        """{name: 1-D tensor} per module for the names in ``VECTORS`` (inspect plots them by
+        singular index or as a distribution per layer type); {} when the method has none."""
+        own = getattr(self.impl, "vectors", None)
+        return own(t, info) if own is not None else {}
 
     def validate(self, t: dict, info) -> str | None:
         own = getattr(self.impl, "validate", None)

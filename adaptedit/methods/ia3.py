@@ -38,11 +38,12 @@ TRAINABLE = ("ia3_l",)
 TARGETS = "k_proj,v_proj,down_proj,c_attn,mlp.c_proj"
 FEEDFORWARD = ("down_proj", "mlp.c_proj", "fc2", "w2", "dense_4h_to_h")
 LR = 3e-3  # the paper's learning rate for (IA)³ (T-Few, §3.3)
-LR_SOURCE = "(IA)³ paper"
+LR_SOURCE = "(IA)³ paper (T-Few §3.3: Adafactor, lr 3e-3)"
 SCALED = False  # no α, no rsLoRA
 DEFAULT_RANK = 1  # recorded as each module's rank: one gain per channel, no rank to choose
 RANKED = False  # init refuses --rank / --rank-pattern
 DROPOUT = False  # a gain vector has no input path to drop
+VECTORS = {"gain": ("distribution", "gain l (1 at init)")}
 
 
 def default_alpha(rank: int) -> float:
@@ -121,6 +122,10 @@ def validate(t: dict, info) -> str | None:
         side = "input" if input_side(t) else "output"
         return f"ia3_l has shape {tuple(t['ia3_l'].shape)}; the {side} side needs ({n},)"
     return None
+
+
+def vectors(t: dict, info) -> dict:
+    return {"gain": t["ia3_l"].double()}
 
 
 def extras(t: dict, info, w, fro: float) -> dict:

@@ -39,7 +39,10 @@ DEFAULT_RANK = 1  # recorded as each module's rank: RoAd has none
 RANKED = False
 SCALED = False
 DROPOUT = False  # the rotation acts on the output: no input path to drop
-LR = 3e-3  # untuned: (IA)³'s, another per-channel gain method (no paper value checked)
+VECTORS = {"alpha": ("distribution", "α (pair scales, 1 at init)"),
+           "angle_deg": ("distribution", "|θ| (pair rotation angles, degrees)")}
+LR = 1e-3  # PEFT's RoAd docs: "a higher learning rate compared to LoRA … around 1e-3"
+LR_SOURCE = "PEFT RoAd docs (around 1e-3)"
 
 
 def default_alpha(rank: int) -> float:
@@ -124,6 +127,11 @@ def validate(t: dict, info) -> str | None:
         if tuple(t[k].shape) != (out_f // 2,):
             return f"{k} has shape {tuple(t[k].shape)}; {out_f} outputs need ({out_f // 2},)"
     return None
+
+
+def vectors(t: dict, info) -> dict:
+    return {"alpha": t["road_alpha"].double(),
+            "angle_deg": t["road_theta"].double().abs() * (180 / math.pi)}
 
 
 def extras(t: dict, info, w, fro: float) -> dict:

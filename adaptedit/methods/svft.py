@@ -49,11 +49,12 @@ SCALED = False  # no α, no rsLoRA
 PATTERNS = ("plain", "banded", "random")
 OPTIONS = {"svft_pattern": "plain", "svft_off_diagonals": None, "svft_random_k": None}
 DEFAULT_OFF_DIAGONALS, DEFAULT_RANDOM_K = 2, 5
-LR = 1e-3  # not tuned here; the paper sweeps per task
+LR = 5e-2  # the authors' scripts for plain (MetaMath/run_math.sh, LLM-Adapters/run_commonsense.sh)
+LR_SOURCE = "SVFT authors' scripts (plain 5e-2; banded/random d = 16: 5e-3, pass --lr)"
 PEFT = ("PEFT has no SVFT adapter type (and an exact LoRA of U M Vᵀ would not train as "
         "SVFT); deploy with `adaptedit merge`")
 # what inspect plots for this method: ΔΣ = diag(M) per singular index
-VECTORS = {"dsigma": "by_index"}
+VECTORS = {"dsigma": ("by_index", "ΔΣ_i = M_ii (learned change of σ_i)")}
 
 
 def default_alpha(rank: int) -> float:

@@ -38,7 +38,10 @@ DEFAULT_RANK = 256  # PEFT's and the paper's
 SCALED = False  # no α, no rsLoRA
 OPTIONS = {"projection_prng_key": 0, "d_initial": 0.1}
 LR = 4e-3  # the paper's instruction-tuning learning rate for VeRA (Llama, Table 8)
-LR_SOURCE = "VeRA paper (instruction tuning)"
+LR_SOURCE = "VeRA paper (instruction tuning, Llama 2; not re-checked against the table here)"
+
+VECTORS = {"b": ("distribution", "b (output gains, 0 at init)"),
+           "d": ("distribution", "d (random-direction strengths, 0.1 at init)")}
 
 _SHARED: dict = {}
 
@@ -130,6 +133,10 @@ def _stats(prefix: str, v: torch.Tensor) -> dict:
     v = v.double()
     return {f"{prefix}_mean": float(v.mean()), f"{prefix}_std": float(v.std()) if v.numel() > 1
             else 0.0, f"{prefix}_min": float(v.min()), f"{prefix}_max": float(v.max())}
+
+
+def vectors(t: dict, info) -> dict:
+    return {"b": t["vera_lambda_b"].double(), "d": t["vera_lambda_d"].double()}
 
 
 def extras(t: dict, info, w, fro: float) -> dict:
