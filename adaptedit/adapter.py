@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from adaptedit import __version__, checks, methods
-from adaptedit.errors import AdapteditError
 from adaptedit.atomic import write_atomic_dir
 from adaptedit.errors import AdapteditError
+from adaptedit.targets import Target
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adaptedit.json"
@@ -36,6 +36,10 @@ TENSORS_NAME = "adapter.safetensors"
 
 @dataclass
 class ModuleInfo:
+    """The record of one adapted module in adaptedit.json: its :class:`Target` (kind, shape, key,
+    has_bias — stored flat, the file format) and the adapter's numbers for it. One conversion each
+    way: :meth:`of` and :meth:`target`."""
+
     kind: str  # "linear" | "conv1d"
     shape: list  # [out, in]
     rank: int
@@ -45,6 +49,17 @@ class ModuleInfo:
     fingerprint: str
     has_bias: bool = False
     captured_energy: float | None = None  # SVD methods: fraction of exact top-r energy captured
+
+    @classmethod
+    def of(cls, t: Target, **numbers) -> "ModuleInfo":
+        """The record of target ``t`` with the adapter's ``numbers`` (rank, alpha, scaling, ...)."""
+        return cls(kind=t.kind, shape=[t.out_features, t.in_features], key=t.key,
+                   has_bias=t.has_bias, **numbers)
+
+    def target(self, name: str) -> Target:
+        """The :class:`Target` this record describes (module ``name``)."""
+        return Target(name, self.kind, int(self.shape[0]), int(self.shape[1]), self.key,
+                      self.has_bias)
 
 
 @dataclass

@@ -20,21 +20,17 @@ The result is one JSON-ready dict (schema in docs/inspect.md, version ``SCHEMA_V
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from adaptedit import __version__, checks
-from adaptedit import geometry
+from adaptedit import __version__, checks, geometry
 from adaptedit.errors import AdapteditError, UsageError
-from adaptedit.svd_cache import (EXACT_MAX, base_svd, best_cos, cache_max,  # noqa: F401
-                                 svd_cache_path)
+from adaptedit.svd_cache import base_svd, best_cos, cache_max
 from adaptedit.targets import Target, select, to_w
 
-SCHEMA = "adaptedit.analysis"
+SCHEMA = "adaptedit.inspect"
 SCHEMA_VERSION = 1
 SPECTRUM_MAX = 64  # singular values per module kept in the report
 CHECKPOINT_K = 16  # default k when ΔW comes from two checkpoints (no adapter rank)
@@ -295,9 +291,7 @@ def _w0(ckpt, t: Target, ref: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _adapter_targets(adapter, spec: str | None) -> list[Target]:
-    from adaptedit.binding import module_target
-
-    return select([module_target(n, i) for n, i in adapter.config.modules.items()], spec)
+    return select([i.target(n) for n, i in adapter.config.modules.items()], spec)
 
 
 def _adapter_delta(adapter, name: str, w: torch.Tensor) -> dict:

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from adaptedit.adapter import Adapter, ModuleInfo
+from adaptedit.adapter import Adapter
 from adaptedit.errors import AdapteditError
 from adaptedit.linalg import fingerprint
 from adaptedit.models import resolve
-from adaptedit.targets import Target
 
 
 BASE_FIX = "pass the right --base"
@@ -67,10 +66,6 @@ def base_for(adapter: Adapter, base: str | None, *, quiet: bool = True,
     return resolve(ref, quiet=quiet, trust_remote_code=trust_remote_code)
 
 
-def module_target(name: str, info: ModuleInfo) -> Target:
-    return Target(name, info.kind, info.shape[0], info.shape[1], info.key, info.has_bias)
-
-
 def recorded_targets(adapter: Adapter, source) -> dict:
     """{module: Target} from the adapter's record checked against the checkpoint headers.
 
@@ -89,5 +84,5 @@ def recorded_targets(adapter: Adapter, source) -> dict:
             raise AdapteditError(f"adapter {adapter.path}: {name} is {info.shape[0]}×{info.shape[1]}"
                                  f" but {info.key} of base {source.ref} is stored as "
                                  f"{'×'.join(map(str, stored))}; was it made for another model?")
-        found[name] = module_target(name, info)
+        found[name] = info.target(name)
     return found

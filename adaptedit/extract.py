@@ -90,9 +90,8 @@ def extract(base: ModelSource, tuned: ModelSource, *, rank: int | None = None,
         r = a.shape[0]
         err = float(torch.linalg.norm(d - b @ a) / torch.linalg.norm(d)) if total > 0 else 0.0
         tensors[t.name] = {"lora_A": a, "lora_B": b}
-        infos[t.name] = ModuleInfo(kind=t.kind, shape=[t.out_features, t.in_features], rank=r,
-                                   alpha=float(r), scaling=1.0, key=t.key,
-                                   fingerprint=fingerprint(wb_raw), has_bias=t.has_bias)
+        infos[t.name] = ModuleInfo.of(t, rank=r, alpha=float(r), scaling=1.0,
+                                      fingerprint=fingerprint(wb_raw))
         reports.append(ModuleReport(t.name, (t.out_features, t.in_features), r, math.sqrt(total),
                                     err, kept / total if total > 0 else 1.0))
         if progress:

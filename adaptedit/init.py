@@ -181,10 +181,9 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
                     refined[chunk[j].name] = how
             for j, t in enumerate(chunk):
                 tensors[t.name] = {k: v[j].detach().cpu().contiguous() for k, v in out.items()}
-                infos[t.name] = ModuleInfo(kind=t.kind, shape=[t.out_features, t.in_features],
-                                           rank=rank, alpha=alpha, scaling=scaling, key=t.key,
-                                           fingerprint=fingerprint(raw[j]), has_bias=t.has_bias,
-                                           captured_energy=energies.get(t.name))
+                infos[t.name] = ModuleInfo.of(t, rank=rank, alpha=alpha, scaling=scaling,
+                                              fingerprint=fingerprint(raw[j]),
+                                              captured_energy=energies.get(t.name))
             if progress:
                 progress.advance(task, len(chunk))
     # keep the model's module order, not the grouping order

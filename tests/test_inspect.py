@@ -177,7 +177,7 @@ def test_cli_json_schema(tiny_llama, tmp_path):
     code, out, err = run_cli(["inspect", str(folder), "--json"])
     assert code == 0, err
     rep = json.loads(out)
-    assert rep["schema"] == "adaptedit.analysis" and rep["schema_version"] == 1
+    assert rep["schema"] == "adaptedit.inspect" and rep["schema_version"] == 1
     for key in ("mode", "base", "adapter", "tuned", "options", "verdict", "model", "by_type",
                 "by_layer", "modules", "md", "svd_cache", "notes", "seconds"):
         assert key in rep, key

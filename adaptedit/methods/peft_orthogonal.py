@@ -211,9 +211,7 @@ def _module_of(src, key: str, suffix: str) -> str:
 def _info(t, rank: int):
     from adaptedit.adapter import ModuleInfo
 
-    return ModuleInfo(kind="linear", shape=[t.out_features, t.in_features], rank=int(rank),
-                      alpha=1.0, scaling=1.0 / rank, key=t.key, fingerprint="",
-                      has_bias=t.has_bias)
+    return ModuleInfo.of(t, rank=int(rank), alpha=1.0, scaling=1.0 / rank, fingerprint="")
 
 
 def _version(text) -> tuple:
