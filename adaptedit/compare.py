@@ -284,7 +284,7 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
 
 
 def settings_record(opts: CompareOptions, info: dict, runs: list) -> dict:
-    from adaptedit.data import sha256_file
+    from adaptedit.rows import sha256_file
 
     s = asdict(opts)
     for k in ("data", "eval_data", "test_data", "retain_data"):

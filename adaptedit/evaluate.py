@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from adaptedit.data import BadRow, TokenizedData, batches, read_rows, row_format
+from adaptedit.data import TokenizedData, batches
 from adaptedit.data import load as load_data
+from adaptedit.rows import BadRow, read_rows, row_format
 from adaptedit.errors import AdapteditError, UsageError
 
 
