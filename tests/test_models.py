@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from adaptedit.errors import AdapteditError
-from adaptedit.models import embedded_file, resolve
+from adaptedit.gguf_files import embedded_file
+from adaptedit.models import resolve
 from adaptedit.targets import adaptable, select
 
 from helpers import run_cli
