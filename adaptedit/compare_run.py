@@ -18,8 +18,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from adaptedit import compare
 from adaptedit.errors import AdapteditError
 

@@ -30,8 +30,6 @@ import math
 import re
 from pathlib import Path
 
-import torch
-
 from adaptedit import __version__, checks
 from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.atomic import check_output, write_atomic_dir

@@ -73,7 +73,7 @@ def base_svd(raw: torch.Tensor, kind: str, w: torch.Tensor, *, mode: str = "auto
     else:
         rank = min(m, max(need, 64))
         tag = f"rand{rank}-s{seed}"
-    path = svd_cache_path(fp := fingerprint(raw), kind, tag)
+    path = svd_cache_path(fingerprint(raw), kind, tag)
     if cache and path.exists():
         try:
             t = load_file(str(path))

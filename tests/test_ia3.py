@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import IDS, logits, perturb, run_cli
+from helpers import logits, run_cli
 
 from adaptedit.adapter import save_adapter
 from adaptedit.errors import AdapteditError

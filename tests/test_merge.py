@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import METHODS, load_merged, logits, make_adapter, run_cli, tensors
-from safetensors.torch import load_file
 
 import fixtures
 from adaptedit.formats import load_adapter

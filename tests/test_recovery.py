@@ -24,6 +24,7 @@ from adaptedit.data import load as load_data
 from adaptedit import leftovers
 from adaptedit import checkpoints
 from adaptedit import train as training
+from adaptedit import train_run
 from adaptedit.train_config import make_config
 from adaptedit.errors import AdapteditError
 
@@ -183,7 +184,7 @@ def test_a_read_only_adapter_folder_is_refused_before_any_work(adapter, data, tm
         def denied(*a, **k):
             raise PermissionError(errno.EACCES, "Permission denied")
 
-        monkeypatch.setattr(training.tempfile, "mkstemp", denied)
+        monkeypatch.setattr(train_run.tempfile, "mkstemp", denied)
     else:
         folder.chmod(0o555)
     try:

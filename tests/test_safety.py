@@ -6,7 +6,6 @@ Every case asserts the exit code, the one-line message, that the inputs are byte
 afterwards and that nothing is left behind."""
 
 import json
-import math
 import os
 import random
 import shutil

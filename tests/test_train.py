@@ -5,7 +5,6 @@ and the command line (header, --json, --show-example, --config, provenance, refu
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
