@@ -304,7 +304,7 @@ def test_randomized_base_svd_and_damaged_cache(tiny_llama, tmp_path, monkeypatch
 def test_verdict_is_relative_to_a_random_update():
     """E_top alone misleads when k is a large share of the dimensions: isotropic noise with
     E_top ≈ E_bottom ≈ 0.7 and a random baseline of 0.77 is spread, not concentrated."""
-    from adaptedit.analysis import verdict
+    from adaptedit.aggregate import verdict
 
     base = {"modules": 4, "zero": 0, "rel": 0.01, "intruders": 0}
     noise = verdict({**base, "e_top": 0.69, "e_bottom": 0.70, "e_random": 0.77}, "checkpoints")

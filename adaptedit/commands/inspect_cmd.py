@@ -163,7 +163,7 @@ def inspect(
     trust_remote_code: bool = TRUST,
 ):
     """What the update did: size, magnitude vs direction, subspaces, rank, intruder dimensions."""
-    from adaptedit import analysis
+    from adaptedit import aggregate, analysis
 
     console.configure(quiet=quiet, json_mode=json_)
     adapters = adapters or []
@@ -175,8 +175,8 @@ def inspect(
         raise UsageError("--trajectory follows an adapter's checkpoints; it needs ADAPTER_DIR")
     if top is not None and top <= 0:
         raise UsageError(f"--top {top}: must be a positive integer")
-    if sort and sort not in analysis.NUMERIC:
-        raise UsageError(f"--sort {sort!r}: choose one of {', '.join(analysis.NUMERIC)}")
+    if sort and sort not in aggregate.NUMERIC:
+        raise UsageError(f"--sort {sort!r}: choose one of {', '.join(aggregate.NUMERIC)}")
     if plot is not None or html is not None:
         from adaptedit.report import require_matplotlib
 
@@ -209,7 +209,7 @@ def inspect(
         return
     what = (f"{report['tuned']['ref']} − {report['base']['ref']}" if report["tuned"]
             else f"{report['adapter']['path']} on {report['base']['ref']}")
-    rows = analysis.sort_modules(report["modules"], sort, top)
+    rows = aggregate.sort_modules(report["modules"], sort, top)
     shown = f" (top {len(rows)} by {sort or 'fro'})" if top else ""
     console.show(module_table(rows, f"inspect {what}{shown}"))
     if any(r["layer"] is not None for r in report["modules"]):
