@@ -14,6 +14,9 @@ from adaptedit.train_config import make_config
 
 # every method of the registry: a new method is tested by adding it there
 METHODS = list(REGISTRY)
+# (method, dora) pairs that exist: DoRA on top of every method that does not refuse it (DORA)
+WITH_DORA = [(m, d) for m in METHODS for d in (False, True)
+             if not (d and isinstance(getattr(REGISTRY[m].impl, "DORA", None), str))]
 # the methods whose PEFT form is a LoRA (the low-rank family); the others have their own tests
 LORA_FAMILY = [m for m in METHODS if getattr(REGISTRY[m].PEFT, "peft_type", None) == "LORA"]
 IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11]])

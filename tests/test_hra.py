@@ -69,7 +69,7 @@ def test_odd_rank_and_options_refused(tiny_llama, tmp_path):
         in err, err
     code, _, err = run_cli(["init", str(tiny_llama), "-m", "hra", "--block-size", "8", "-o",
                             str(tmp_path / "b")])
-    assert code == 2 and "--block-size applies to oft, not hra" in err, err
+    assert code == 2 and "--block-size applies to oft, boft, not hra" in err, err
     code, _, err = run_cli(["init", str(tiny_llama), "-m", "hra", "--hra-lambda", "-1", "-o",
                             str(tmp_path / "c")])
     assert code == 2 and "--hra-lambda -1: must be a number ≥ 0" in err, err

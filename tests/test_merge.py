@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import METHODS, load_merged, logits, make_adapter, run_cli, tensors
+from helpers import WITH_DORA, load_merged, logits, make_adapter, run_cli, tensors
 
 import fixtures
 from adaptedit.formats import load_adapter
@@ -22,8 +22,7 @@ from adaptedit.models import resolve
 from adaptedit.targets import to_w
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("method,dora", WITH_DORA)
 def test_untrained_merge_is_bit_identical(tiny_llama, tmp_path, method, dora):
     ad = make_adapter(tiny_llama, tmp_path / "ad", method=method, dora=dora, trained=False)
     res = merge([load_adapter(ad)], tmp_path / "m", opts=MergeOptions(verify=False))

@@ -79,7 +79,7 @@ def test_cli_refuses_what_does_not_apply(tiny_llama, tmp_path):
         assert code == 2 and what in err, err
     code, _, err = run_cli(["init", str(tiny_llama), "-m", "lora", "--block-size", "8", "-o",
                             str(tmp_path / "c")])
-    assert code == 2 and "--block-size applies to oft, not lora" in err, err
+    assert code == 2 and "--block-size applies to oft, boft, not lora" in err, err
     code, out, err = run_cli(["init", str(tiny_llama), "-m", "oft", "--json", "-o",
                               str(tmp_path / "d")])
     assert code == 0, err

@@ -40,7 +40,8 @@ def init(
              "decomposed again with more power iterations (0: never)."),
     seed: int = typer.Option(0, "--seed", help="Seed for random init and randomized SVD."),
     delora_lambda: float = typer.Option(15.0, "--delora-lambda", help="DeLoRA's initial strength λ."),
-    block_size: int = typer.Option(None, "--block-size", help="OFT: size b of each rotated block (default PEFT's 32, or the largest size dividing every targeted module)."),
+    block_size: int = typer.Option(None, "--block-size", help="OFT/BOFT: size b of each rotated block (default PEFT's: OFT 32, BOFT 4; or the largest size that fits every targeted module)."),
+    butterfly_factors: int = typer.Option(None, "--butterfly-factors", help="BOFT: number m of butterfly factors (PEFT's boft_n_butterfly_factor; default 2; 1 is OFT with an output scale)."),
     coft_eps: float = typer.Option(None, "--coft-eps", help="OFT: constrained variant (COFT), ‖Q‖ ≤ ε/√blocks per block."),
     hra_lambda: float = typer.Option(None, "--hra-lambda", help="HRA: weight λ of the orthogonality regulariser λ‖I − ÛᵀÛ‖² added to the training loss."),
     svft_pattern: str = typer.Option(None, "--svft-pattern", help="SVFT: the sparsity of M in ΔW = U M Vᵀ: plain (diagonal: ΔΣ only; default), banded (--svft-off-diagonals), random (--svft-random-k per row, drawn from --seed)."),
@@ -53,7 +54,7 @@ def init(
     quiet: bool = QUIET,
     trust_remote_code: bool = TRUST,
 ):
-    """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA, OFT, HRA, IA3, VeRA, SVFT, SSVD, RoAd; +DoRA) and write it to OUT."""
+    """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA, OFT, BOFT, HRA, IA3, VeRA, SVFT, SSVD, RoAd; +DoRA) and write it to OUT."""
     console.configure(quiet=quiet, json_mode=json_)
     if (rank is not None or rank_pattern) and method in METHODS and not METHODS[method].RANKED:
         flag = "--rank" if rank is not None else "--rank-pattern"
@@ -67,7 +68,8 @@ def init(
                                                   ("hra_lambda", hra_lambda),
                                                   ("svft_pattern", svft_pattern),
                                                   ("svft_off_diagonals", svft_off_diagonals),
-                                                  ("svft_random_k", svft_random_k))
+                                                  ("svft_random_k", svft_random_k),
+                                                  ("butterfly_factors", butterfly_factors))
                                 if v is not None})
     source = resolve(model, trust_remote_code=trust_remote_code, quiet=console.quiet())
     check_output(out, force, inputs=model_inputs(source))

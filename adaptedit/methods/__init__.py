@@ -8,8 +8,8 @@ names: layer, merge, inspect, export and train call the entry's functions.
 """
 
 from adaptedit.errors import UsageError
-from adaptedit.methods import (delora, dora, hra, ia3, lora, oft, olora, pissa, road, ssvd, svft,
-                               vera)
+from adaptedit.methods import (boft, delora, dora, hra, ia3, lora, oft, olora, pissa, road, ssvd,
+                               svft, vera)
 from adaptedit.methods.base import DoRA, Method
 
 METHODS = {
@@ -19,6 +19,7 @@ METHODS = {
     "olora": Method("olora", olora),
     "delora": Method("delora", delora),
     "oft": Method("oft", oft),
+    "boft": Method("boft", boft),
     "hra": Method("hra", hra),
     "ia3": Method("ia3", ia3),
     "vera": Method("vera", vera),
