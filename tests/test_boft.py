@@ -162,24 +162,38 @@ def test_export_gives_peft_logits_on_cpu(tiny_llama, tiny_bert, tmp_path):
 
 
 @pytest.mark.parametrize("bs,m", [(4, 2), (2, 3)])
-def test_export_gives_peft_logits_with_butterflies(tiny_llama, tiny_bert, tmp_path, _peft_fbd,
-                                                   bs, m):
+def test_export_folds_butterflies_into_one_peft_factor(tiny_llama, tiny_bert, tmp_path, bs, m):
+    """m > 1 is written as PEFT's one factor of blocks of b·2^(m−1) (M's diagonal blocks), which
+    PEFT computes on its CPU path too: same logits."""
     cfg = export_matches_peft(tiny_llama, tmp_path / "l", **_opts(bs, m))
-    assert cfg["boft_n_butterfly_factor"] == m and cfg["boft_block_size"] == bs
+    assert cfg["boft_n_butterfly_factor"] == 1 and cfg["boft_block_size"] == bs * 2 ** (m - 1)
     export_matches_peft(tiny_bert, tmp_path / "b", **_opts(bs, m))
 
 
 def test_export_refusals_and_round_trip(tiny_llama, tiny_gpt2, tmp_path):
     with pytest.raises(AdapteditError, match="PEFT's BOFT does not wrap GPT-2's Conv1D"):
         export_peft(build(resolve(str(tiny_gpt2)), InitOptions(method="boft")), tmp_path / "g")
-    ad = perturb(build(resolve(str(tiny_llama)), InitOptions(**_opts(4, 2))), 3, 0.2)
-    summary = export_peft(ad, tmp_path / "p")
-    assert "fbd_cuda" in summary["peft_needs"]
+    ad = perturb(build(resolve(str(tiny_llama)), InitOptions(**_opts(4, 1))), 3, 0.2)
+    export_peft(ad, tmp_path / "p")
     back = load_adapter(tmp_path / "p")
     assert back.config.method == "boft" and back.config.source == "peft"
     for name, ts in ad.tensors.items():  # export(import) is the identity on the tensors
         for k, v in ts.items():
             assert torch.equal(v, back.tensors[name][k]), (name, k)
+    ad = perturb(build(resolve(str(tiny_llama)), InitOptions(**_opts(4, 2))), 3, 0.2)
+    assert "2 butterfly factors of blocks of 4" in export_peft(ad, tmp_path / "f")["folded"]
+    back = load_adapter(tmp_path / "f")  # one factor of blocks of 8: the same function
+    assert back.config.init == {"block_size": 8, "butterfly_factors": 1,
+                                "peft": back.config.init["peft"]}
+    for name in ad.names:
+        w = resolve(str(tiny_llama)).checkpoint.get(ad.config.modules[name].key)
+        assert (ad.merged(name, w) - back.merged(name, w)).abs().max() <= 1e-5
+    name = ad.names[0]  # a half-turn has no Cayley form
+    ad.tensors[name]["boft_R"].zero_()
+    ad.tensors[name]["boft_R"][0, 0, 0] = 1e4  # one plane turned by 2·atan(1e4) ≈ 179.99°
+    with pytest.raises(AdapteditError, match="turns a direction by nearly 180°"):
+        export_peft(ad, tmp_path / "h")
+    assert not (tmp_path / "h").exists()
 
 
 def _peft_boft(base, folder, **kw):
@@ -218,7 +232,7 @@ def test_import_of_a_peft_folder_gives_peft_logits(tiny_llama, tmp_path, request
     assert code == 1 and 'bias="boft_only"' in err and err.count("\n") == 1, err
 
 
-def test_inspect_reports_the_rotation(tiny_llama, tmp_path, _peft_fbd):
+def test_inspect_reports_the_rotation(tiny_llama, tmp_path):
     """‖M − I‖_F, the angles of M's eigenvalues and ‖MᵀM − I‖ against PEFT's dense M."""
     ad = perturb(build(resolve(str(tiny_llama)), InitOptions(**_opts(4, 2))), 4, 0.3)
     ad.save(tmp_path / "ad")
@@ -244,7 +258,8 @@ def test_inspect_reports_the_rotation(tiny_llama, tmp_path, _peft_fbd):
 
 
 def test_train_and_resume_exact(tiny_llama, tmp_path):
-    train_and_resume_exact(tiny_llama, tmp_path, lr=5e-2, **_opts(4, 2))
+    """Three butterfly factors (the contract test resumes the default m = 2)."""
+    train_and_resume_exact(tiny_llama, tmp_path, lr=5e-2, **_opts(2, 3))
 
 
 def test_merge_is_exact_and_verified(tiny_llama, tiny_gpt2, tmp_path):

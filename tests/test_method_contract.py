@@ -19,7 +19,7 @@ import warnings
 import fixtures
 import pytest
 import torch
-from helpers import METHODS, load_merged, logits, make_adapter, tensors
+from helpers import WITH_DORA, load_merged, logits, make_adapter, tensors
 
 from adaptedit import train as training
 from adaptedit.checkpoints import STATE_TENSORS, checkpoint_dirs
@@ -31,7 +31,7 @@ from adaptedit.models import resolve
 from adaptedit.peft_io import export_peft
 from adaptedit.train_config import make_config
 
-VARIANTS = [(m, False) for m in METHODS] + [(m, True) for m in METHODS]
+VARIANTS = [v for v in WITH_DORA if not v[1]] + [v for v in WITH_DORA if v[1]]  # +dora where defined
 IDS = [f"{m}+dora" if d else m for m, d in VARIANTS]
 
 

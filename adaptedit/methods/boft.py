@@ -24,7 +24,8 @@ arXiv:2311.06243.
   input width a multiple of b·2^(m−1), as PEFT requires; an explicit size that does not fit is
   refused naming the module. When the default m = 2 fits no even b, m = 1 is used (recorded).
 - PEFT mapping: ``peft_type: BOFT`` (:mod:`adaptedit.methods.peft_boft`). PEFT computes m > 1 only
-  with its CUDA extension (fbd_cuda); without it, PEFT forces m = 1.
+  with its CUDA extension (fbd_cuda); without it, PEFT forces m = 1, so export folds m > 1 factors
+  into one factor of blocks of b·2^(m−1) (M's diagonal blocks: the same rotation).
 - DoRA: refused (``DORA``): s already is a trained magnitude, which DoRA's m/‖V‖ would cancel.
 - inspect: ‖M − I‖_F, ‖MᵀM − I‖_F and the rotation angles of M (the arguments of its
   eigenvalues, from its b·2^(m−1) diagonal blocks), as OFT; and the range of s.

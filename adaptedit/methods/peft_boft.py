@@ -7,14 +7,18 @@
         base_model.model.<module>.boft_s   (out × 1)         the output scale
 
 PEFT's forward is y = s ⊙ (W x̃) + bias with x̃ = x M (row vectors), M = B_{m−1} ⋯ B₀ formed
-densely; :mod:`adaptedit.methods.boft` computes the same function block-wise. Export writes the skew matrix
-itself (A = Q, so ½(A − Aᵀ) = Q exactly); import takes the upper triangle of ½(A − Aᵀ), the entries
-PEFT's Cayley transform sees, so export(import(F)) gives PEFT the same rotation bit for bit.
+densely; :mod:`adaptedit.methods.boft` computes the same function block-wise. Import takes the
+upper triangle of ½(A − Aᵀ), the entries PEFT's Cayley transform sees.
 
 PEFT computes m > 1 only when its CUDA extension (fbd_cuda) builds; without it (any CPU machine)
-PEFT sets m = 1 for the layers it creates, so an m > 1 adapter then fails to load in PEFT (its
-boft_R has m factors). An adapter PEFT saved that way has one factor, whatever the config says:
-import reads the number of factors from the tensor, which is what PEFT computed. PEFT wraps
+PEFT sets m = 1 for the layers it creates, so a folder with m > 1 factors loads in PEFT only where
+the extension builds. Export therefore always writes one factor: m = 1 as is (the skew matrix
+itself, A = Q, so ½(A − Aᵀ) = Q exactly and export(import(F)) gives PEFT the same rotation bit for
+bit); m > 1 folded into one factor of blocks of b·2^(m−1), M's own diagonal blocks (M never mixes
+inputs across those groups), each written as its inverse Cayley transform: the same function
+(within float rounding), though PEFT then trains it as one factor. An adapter PEFT saved without
+the extension has one factor whatever its config says: import reads the number of factors from
+the tensor, which is what PEFT computed. PEFT wraps
 ``nn.Linear`` only (not GPT-2's Conv1D). Ignored on import, as they do not change the function:
 ``boft_dropout`` (training only), ``init_weights``, ``target_modules``, ``exclude_modules``,
 ``layers_to_transform``/``layers_pattern``, ``fan_in_fan_out`` (PEFT resets it on nn.Linear),
@@ -35,32 +39,29 @@ class BoftMapping:
     dora = False
 
     def export(self, adapter) -> tuple[dict, dict, dict]:
-        from adaptedit.methods.oft import skew
-
         _linear_only(adapter, self.peft_type)
         cfg = adapter.config
         flat, sizes, factors = {}, {}, {}
         for name, info in cfg.modules.items():
             t = adapter.tensors[name]
-            q = t["boft_R"].float()
-            m, n, _ = q.shape
-            bs = info.shape[1] // info.rank
-            flat[f"{PREFIX}{name}.boft_R"] = skew(q.reshape(m * n, -1), bs).reshape(
-                m, n, bs, bs).contiguous()
+            m = t["boft_R"].shape[0]
+            a = _one_factor(name, t, info) if m > 1 else _skew_full(t, info)
+            flat[f"{PREFIX}{name}.boft_R"] = a.contiguous()
             flat[f"{PREFIX}{name}.boft_s"] = t["boft_s"].float().reshape(-1, 1).contiguous()
-            sizes[name], factors[name] = bs, m
+            sizes[name], factors[name] = a.shape[-1], m
         bs = _one(sizes, "block size", "init with --block-size")
         m = _one(factors, "number of butterfly factors", "init with --butterfly-factors")
         fields = {"peft_type": self.peft_type, "boft_block_size": int(bs), "boft_block_num": 0,
-                  "boft_n_butterfly_factor": int(m), "boft_dropout": 0.0,
+                  "boft_n_butterfly_factor": 1, "boft_dropout": 0.0,
                   "target_modules": sorted(cfg.modules), "exclude_modules": None,
                   "fan_in_fan_out": False, "bias": "none", "init_weights": True,
                   "layers_to_transform": None, "layers_pattern": None}
         summary = {"peft_type": self.peft_type, "boft_block_size": int(bs),
-                   "boft_n_butterfly_factor": int(m)}
+                   "boft_n_butterfly_factor": 1}
         if m > 1:
-            summary["peft_needs"] = ("PEFT's CUDA extension fbd_cuda (without it PEFT forces one "
-                                     "butterfly factor and cannot load this adapter)")
+            summary["folded"] = (f"{m} butterfly factors of blocks of {bs >> (m - 1)} written as "
+                                 f"PEFT's one factor of blocks of {bs} (the same rotation; PEFT "
+                                 "computes m > 1 only with its CUDA extension)")
         return flat, fields, summary
 
     def read(self, src) -> tuple[dict, dict, dict]:
@@ -101,6 +102,31 @@ class BoftMapping:
             bs, m = shapes.pop()
             init = {"block_size": bs, "butterfly_factors": m}
         return modules, tensors, init
+
+
+def _skew_full(t: dict, info) -> torch.Tensor:
+    """One factor's (1, n, b, b) skew matrices Q, whose skew part ½(Q − Qᵀ) is Q exactly."""
+    from adaptedit.methods.oft import skew
+
+    q = t["boft_R"].float()
+    bs = info.shape[1] // info.rank
+    return skew(q.reshape(q.shape[1], -1), bs).unsqueeze(0)
+
+
+def _one_factor(name: str, t: dict, info) -> torch.Tensor:
+    """M's diagonal blocks (b·2^(m−1) wide) as one factor: the inverse Cayley transform
+    Q = (I − R)(I + R)⁻¹ of each block R (float64), refused where R is near a half-turn (I + R
+    nearly singular: the Cayley form cannot hold it accurately)."""
+    from adaptedit.methods.boft import dense_blocks
+
+    r = dense_blocks(t, info)
+    eye = torch.eye(r.shape[-1], dtype=r.dtype)
+    if float(torch.linalg.svdvals(eye + r).min()) < 1e-2:
+        raise AdapteditError(f"method boft has no exact PEFT form for {name}: its rotation turns "
+                             "a direction by nearly 180°, which PEFT's Cayley form cannot hold "
+                             "accurately; merge the adapter instead")
+    q = torch.linalg.solve(eye + r, eye - r, left=False)
+    return (0.5 * (q - q.transpose(-1, -2))).float().unsqueeze(0)
 
 
 BOFT = BoftMapping()
