@@ -1,5 +1,5 @@
 # The commands of the README. Each sets up .venv first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test test-all compare
+.PHONY: setup demo test test-all compare compare-families
 
 setup:
 	bash scripts/setup.sh
@@ -27,3 +27,17 @@ compare: setup
 	  --methods lora,pissa,milora,lora+dora,pissa+dora,delora --rank 16 --targets q_proj,v_proj \
 	  --lr 2e-4,1e-3 --seeds 1,2,3 --steps 12 --batch-size 4 --max-length 80 --eval-every 6 \
 	  -o $(COMPARE_OUT)/run $(COMPARE_FLAGS)
+
+# The cross-family comparison of docs/compare.md (one method per hypothesis family at matched
+# trainable-parameter budgets, each at its default lr; ~25 min on one core). Output: $(COMPARE_OUT)-families.
+compare-families: setup
+	mkdir -p $(COMPARE_OUT)-families
+	head -n 12 examples/arithmetic/valid.jsonl > $(COMPARE_OUT)-families/valid12.jsonl
+	OMP_NUM_THREADS=1 .venv/bin/python -m adaptedit compare smollm2-135m \
+	  --data examples/arithmetic/train.jsonl --eval-data $(COMPARE_OUT)-families/valid12.jsonl \
+	  --test-data examples/arithmetic/test.jsonl --test-limit 16 --max-new-tokens 4 \
+	  --methods lora,pissa,oft,svft,vera,lora+dora --rank 4 --budget params --targets q_proj,v_proj \
+	  --method-option svft:svft_pattern=banded --method-option svft:svft_off_diagonals=10 \
+	  --method-option svft:lr=5e-3 \
+	  --seeds 1,2,3 --steps 12 --batch-size 4 --max-length 80 --eval-every 6 \
+	  -o $(COMPARE_OUT)-families/run $(COMPARE_FLAGS)

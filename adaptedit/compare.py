@@ -232,6 +232,8 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
 
     Returns (runs, per-method info {spec: {rank, params, lrs}})."""
     from adaptedit.init import plan as plan_targets
+    from adaptedit.init import targets_spec
+    from adaptedit.targets import select
     from adaptedit.train_config import make_config, method_lr
 
     validate(opts)
@@ -253,13 +255,15 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
                    "method": name, "dora": flags.get("dora", False), "device": opts.device}
         init_kw.setdefault("options", {})
         probe = InitOptions(**{**init_kw, "seed": 0})
-        targets, ranks = plan_targets(source, probe)  # unknown targets, rank > min(out, in): refused
-        params = trainable_count(targets, probe)
         matched = (opts.budget == "params" and target is not None and method.RANKED
                    and "rank" not in extra and not init_kw["options"].keys() & RANK_OPTIONS)
-        if matched:
+        if matched:  # the rank is chosen here: only the targets are needed (unknown: refused)
+            targets = select(source.targets, targets_spec(probe))
             init_kw["rank"], params = match_params(targets, probe, target)
-            plan_targets(source, InitOptions(**{**init_kw, "seed": 0}))
+            _, ranks = plan_targets(source, InitOptions(**{**init_kw, "seed": 0}))
+        else:  # unknown targets, a rank the method refuses (> min(out, in) ...): refused here
+            targets, ranks = plan_targets(source, probe)
+            params = trainable_count(targets, probe)
         if opts.budget == "params" and target is not None:
             budget.check(spec, method.RANKED, params, target, first, init_kw["rank"])
         if target is None:

@@ -150,3 +150,14 @@ def test_svft_banded_matched_through_its_method_options(tiny_llama, data):
     assert info["svft"]["params"] == parameter_counts(source, built)[0]
     assert abs(info["svft"]["budget"]["ratio"] - 1) <= compare_budget.TOLERANCE
     assert "--svft-pattern banded --svft-off-diagonals 1" in spec.commands("m", "X")["init"]
+
+
+def test_matched_method_is_not_refused_for_the_shared_rank(tiny_llama, data):
+    """--rank sets the first method's budget; a method whose rank is matched is not first checked
+    at that rank (SVFT banded d = 3 cannot take r = 1, and need not)."""
+    source = resolve(str(tiny_llama))
+    runs, info = plan(opts(data, ["lora", "svft"], rank=1, budget="params",
+                           method_options=["svft:svft_pattern=banded",
+                                           "svft:svft_off_diagonals=3"]), source)
+    assert info["lora"]["rank"] == 1 and info["svft"]["rank"] > 3
+    assert abs(info["svft"]["budget"]["ratio"] - 1) <= compare_budget.TOLERANCE
