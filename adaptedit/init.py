@@ -57,6 +57,7 @@ def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str
 def plan_options(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict, dict]:
     """As :func:`plan`, and the method's own options resolved against the targets."""
     method = methods.get(opts.method)  # validates the name before the model is read
+    check_rank_applies(opts)
     for key in opts.options:
         if key not in method.OPTIONS:
             owners = [n for n, m in methods.METHODS.items() if key in m.OPTIONS]
@@ -84,6 +85,13 @@ def plan_options(source: ModelSource, opts: InitOptions) -> tuple[list[Target], 
         ranks[t.name] = int(r)
     options = {**method.OPTIONS, **opts.options}
     return (targets, *method.plan(targets, ranks, options, rank_given))
+
+
+def check_rank_applies(opts: InitOptions) -> None:
+    """A rank given to a method that has none (IA3, RoAd) is refused, never ignored."""
+    if (opts.rank is not None or opts.rank_pattern) and not methods.get(opts.method).RANKED:
+        flag = "--rank" if opts.rank is not None else "--rank-pattern"
+        raise UsageError(f"{flag} does not apply to {opts.method} (it has no rank); drop {flag}")
 
 
 def targets_spec(opts: InitOptions) -> str:

@@ -55,7 +55,8 @@ def test_delta_is_merged_minus_w_and_factors_agree(tiny_llama, name, dora):
     """ΔW, W' and P@Q of every method describe one update (float64 reference, 1e-5 relative)."""
     if dora and _refuses_dora(name):
         pytest.skip(f"{name} refuses DoRA (test_registry_entry_states_the_interface)")
-    ad = perturb(build(resolve(str(tiny_llama)), InitOptions(method=name, rank=4, dora=dora)), 3)
+    rank = 4 if methods.METHODS[name].RANKED else None  # IA3 and RoAd have no rank (one is refused)
+    ad = perturb(build(resolve(str(tiny_llama)), InitOptions(method=name, rank=rank, dora=dora)), 3)
     src = resolve(str(tiny_llama))
     for mod, info in list(ad.config.modules.items())[:3]:
         w = src.checkpoint.get(info.key).float()
@@ -135,3 +136,17 @@ def test_bf16_logits_equal_peft(tiny_llama_bf16, tmp_path, method):
     peft_model = PeftModel.from_pretrained(resolve(str(tiny_llama_bf16)).load(dtype=torch.bfloat16),
                                            tmp_path / "p").eval()
     assert torch.equal(ours, logits(peft_model, ids))
+
+
+@pytest.mark.parametrize("name", [n for n, m in methods.METHODS.items() if not m.RANKED])
+@pytest.mark.parametrize("field", ["rank", "rank_pattern"])
+def test_a_rank_for_a_method_without_one_is_refused_by_the_library(tiny_llama, name, field):
+    """init.build refuses it as the CLI does (never a rank silently ignored)."""
+    from adaptedit.errors import UsageError
+    from adaptedit.init import InitOptions, build
+    from adaptedit.models import resolve
+
+    value = 4 if field == "rank" else "q_proj=4"
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(UsageError, match=f"^{flag} does not apply to {name} .*drop {flag}$"):
+        build(resolve(str(tiny_llama)), InitOptions(method=name, **{field: value}))

@@ -12,8 +12,7 @@ from adaptedit import console
 from adaptedit.adapter import save_adapter
 from adaptedit.commands.common import DEVICE, FORCE, JSON, QUIET, TRUST, human_count
 from adaptedit.atomic import check_output
-from adaptedit.errors import UsageError
-from adaptedit.init import ENERGY_FLOOR, InitOptions, build, parameter_counts
+from adaptedit.init import ENERGY_FLOOR, InitOptions, build, check_rank_applies, parameter_counts
 from adaptedit.methods import METHODS
 from adaptedit.models import model_inputs, resolve
 
@@ -56,10 +55,6 @@ def init(
 ):
     """Build an adapter (LoRA, PiSSA, MiLoRA, OLoRA, DeLoRA, OFT, BOFT, HRA, IA3, VeRA, SVFT, SSVD, RoAd; +DoRA) and write it to OUT."""
     console.configure(quiet=quiet, json_mode=json_)
-    if (rank is not None or rank_pattern) and method in METHODS and not METHODS[method].RANKED:
-        flag = "--rank" if rank is not None else "--rank-pattern"
-        raise UsageError(f"{flag} does not apply to {method} (it has no rank); drop {flag}")
-    check_output(out, force, inputs=[model])
     opts = InitOptions(method=method, rank=rank, alpha=alpha, dora=dora, rslora=rslora,
                        targets=targets, rank_pattern=rank_pattern, svd=svd, niter=niter,
                        oversample=oversample, energy_floor=energy_floor, seed=seed, device=device,
@@ -71,6 +66,8 @@ def init(
                                                   ("svft_random_k", svft_random_k),
                                                   ("butterfly_factors", butterfly_factors))
                                 if v is not None})
+    check_rank_applies(opts)  # before the model is read
+    check_output(out, force, inputs=[model])
     source = resolve(model, trust_remote_code=trust_remote_code, quiet=console.quiet())
     check_output(out, force, inputs=model_inputs(source))
     start = time.perf_counter()
