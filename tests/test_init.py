@@ -22,7 +22,9 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 61], [8, 1, 13, 21, 34, 55, 89, 1
 
 
 def _init(folder, **kw):
-    return build(resolve(str(folder)), InitOptions(**{"rank": 4, **kw}))
+    """init on ``folder``; rank 4 unless given, for the methods that have a rank."""
+    ranked = METHOD_REGISTRY[kw.get("method", "lora")].RANKED
+    return build(resolve(str(folder)), InitOptions(**{"rank": 4 if ranked else None, **kw}))
 
 
 def _weight(source, info):
