@@ -63,6 +63,16 @@ def concat_factors(terms: list) -> tuple[torch.Tensor, torch.Tensor]:
     return p, q
 
 
+def check_ranks(targets: list, ranks: dict) -> None:
+    """Every target's rank is at most min(out, in) of its weight (the low-rank family's limit)."""
+    for t in targets:
+        r, m = ranks[t.name], min(t.out_features, t.in_features)
+        if r > m:
+            raise AdapteditError(f"rank {r} for {t.name} exceeds min(out, in) = {m} of its "
+                                 f"{t.out_features}×{t.in_features} weight; lower --rank or use "
+                                 "--rank-pattern")
+
+
 class Method:
     """One registry entry: the functions of a method file, with the interface's defaults."""
 
@@ -105,12 +115,7 @@ class Method:
         own = getattr(self.impl, "plan", None)
         if own is not None:
             return own(targets, ranks, options, rank_given)
-        for t in targets:
-            r, m = ranks[t.name], min(t.out_features, t.in_features)
-            if r > m:
-                raise AdapteditError(f"rank {r} for {t.name} exceeds min(out, in) = {m} of its "
-                            f"{t.out_features}×{t.in_features} weight; lower --rank or use "
-                            "--rank-pattern")
+        check_ranks(targets, ranks)
         return ranks, options
 
     def init(self, w: torch.Tensor, opts: dict) -> dict:

@@ -41,6 +41,7 @@ import torch
 
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import extreme_svd
+from adaptedit.methods.base import check_ranks
 
 PAPER = "Lingam et al., SVFT, NeurIPS 2024 (arXiv:2405.19597)"
 TRAINABLE = ("svft_m",)
@@ -81,12 +82,9 @@ def plan(targets, ranks: dict, options: dict, rank_given: bool) -> tuple[dict, d
         d = DEFAULT_OFF_DIAGONALS if d is None else int(d)
     if pattern == "random":
         k = DEFAULT_RANDOM_K if k is None else int(k)
+    check_ranks(targets, ranks)
     for t in targets:
-        r, m = ranks[t.name], min(t.out_features, t.in_features)
-        if r > m:
-            raise AdapteditError(f"rank {r} for {t.name} exceeds min(out, in) = {m} of its "
-                                 f"{t.out_features}×{t.in_features} weight; lower --rank or use "
-                                 "--rank-pattern")
+        r = ranks[t.name]
         if pattern == "banded" and d >= r:
             raise AdapteditError(f"--svft-off-diagonals {d} needs rank > {d}, and {t.name} has rank "
                                  f"{r}; raise --rank or lower --svft-off-diagonals")
