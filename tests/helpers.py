@@ -134,3 +134,15 @@ def train_and_resume(base: Path, tmp_path: Path, opts, steps: int = 6, lr: float
     run(tmp_path / "cut", resume=True)
     return (summary, load_file(str(tmp_path / "ref" / "adapter.safetensors")),
             load_file(str(tmp_path / "cut" / "adapter.safetensors")))
+
+
+def init_is_identity(base: Path, dtype: torch.dtype, **kw) -> None:
+    """The adapted model's logits equal the base's bit for bit at init."""
+    from adaptedit.init import InitOptions, build
+    from adaptedit.layer import attach
+    from adaptedit.models import resolve
+
+    ad = build(resolve(str(base)), InitOptions(**kw))
+    ref = logits(resolve(str(base)).load(dtype=dtype))
+    got = logits(attach(resolve(str(base)).load(dtype=dtype), ad))
+    assert got.dtype == ref.dtype and torch.equal(ref, got), kw

@@ -20,14 +20,6 @@ from adaptedit.peft_io import export_peft
 from adaptedit.train_config import make_config
 
 
-def init_is_identity(base: Path, dtype: torch.dtype, **kw) -> None:
-    """The adapted model's logits equal the base's bit for bit at init."""
-    ad = build(resolve(str(base)), InitOptions(**kw))
-    ref = logits(resolve(str(base)).load(dtype=dtype))
-    got = logits(attach(resolve(str(base)).load(dtype=dtype), ad))
-    assert got.dtype == ref.dtype and torch.equal(ref, got), kw
-
-
 def peft_logits(base: Path, folder: Path) -> torch.Tensor:
     from peft import PeftModel
 

@@ -14,8 +14,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import logits, perturb, run_cli
-from orthogonal import (export_matches_peft, init_is_identity, merge_matches_adapter, peft_logits,
+from helpers import init_is_identity, logits, perturb, run_cli
+from orthogonal import (export_matches_peft, merge_matches_adapter, peft_logits,
                         train_and_resume_exact)
 
 from adaptedit.errors import AdapteditError, UsageError

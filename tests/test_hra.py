@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers import perturb, run_cli
-from orthogonal import export_matches_peft, init_is_identity, merge_matches_adapter
+from helpers import init_is_identity, perturb, run_cli
+from orthogonal import export_matches_peft, merge_matches_adapter
 
 from adaptedit.errors import AdapteditError
 from adaptedit.init import InitOptions, build

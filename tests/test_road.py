@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import logits, run_cli
+from helpers import init_is_identity, logits, run_cli
 
 from adaptedit.adapter import save_adapter
 from adaptedit.errors import AdapteditError
@@ -59,11 +59,7 @@ def test_group_size_and_merged_reference(tiny_llama):
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_identity_at_init_bit_exact(fixture, dtype, request):
-    source = resolve(str(request.getfixturevalue(fixture)))
-    model = source.load(dtype=dtype)
-    ref = logits(model)
-    attach(model, build(source, InitOptions(method="road")))
-    assert torch.equal(logits(model), ref)
+    init_is_identity(request.getfixturevalue(fixture), dtype, method="road")
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])

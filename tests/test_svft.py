@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import logits, run_cli, train_and_resume
+from helpers import init_is_identity, logits, run_cli, train_and_resume
 
 from adaptedit import linalg
 from adaptedit.adapter import save_adapter
@@ -52,11 +52,7 @@ def test_basis_is_ws_singular_vectors_from_the_shared_svd(tiny_llama, monkeypatc
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_identity_at_init_bit_exact(fixture, dtype, request):
-    source = resolve(str(request.getfixturevalue(fixture)))
-    model = source.load(dtype=dtype)
-    ref = logits(model)
-    attach(model, build(source, InitOptions(method="svft", rank=4)))
-    assert torch.equal(logits(model), ref)
+    init_is_identity(request.getfixturevalue(fixture), dtype, method="svft", rank=4)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
