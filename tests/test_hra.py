@@ -143,3 +143,30 @@ def test_identity_pairs_survive_the_exact_arithmetic():
         u = torch.randn(48, generator=g) * scale
         x = torch.randn(7, 48, generator=g)
         assert torch.equal(hra.pair(x, u, u.clone()), x)
+
+
+def test_training_keeps_only_the_input_of_the_reflection_chain():
+    """In training the chain is checkpointed: autograd keeps x and U (not two activation-sized
+    tensors per pair), and the values and gradients are those of the plain chain, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 32, 48, generator=gen, requires_grad=True)
+    u = torch.randn(48, 8, generator=gen, requires_grad=True)
+
+    def run(fn):
+        kept = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: kept.setdefault(id(t), t.numel() * t.element_size()) and t, lambda t: t):
+            y = fn(x, u)
+        return y, sum(kept.values())
+
+    plain, plain_bytes = run(hra.reflect)
+    lean, lean_bytes = run(hra.reflect_lean)
+    activation = x.numel() * x.element_size()
+    assert plain_bytes >= 4 * activation  # r/2 = 4 pairs, each keeping at least its input
+    assert lean_bytes <= activation + u.numel() * u.element_size()
+    assert torch.equal(plain, lean)
+    g = torch.randn(plain.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad(plain, (x, u), g), torch.autograd.grad(lean, (x, u), g)):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # evaluation and merge-time forwards take the plain path
+        assert torch.equal(hra.reflect_lean(x, u), plain)

@@ -11,7 +11,9 @@ pair's product is I; r must be even. Each pair is applied as one step,
 
 written so that d = 4p − 2p − 2p = 0 exactly when u = v: the adapted model is the base bit for bit
 at init in every dtype. The forward pass reflects the activations (O(tokens · in · r)); merge
-applies the reflections to W's rows, never forming H.
+applies the reflections to W's rows, never forming H. In training the chain is checkpointed: autograd
+keeps x and U, and the backward pass recomputes the r/2 intermediate activations (one extra
+O(tokens · in · r) pass) instead of keeping two activation-sized tensors per pair.
 Optional orthogonality regulariser λ‖I − ÛᵀÛ‖²_F (Û: U with unit columns), ``--hra-lambda``,
 added to the training loss (0 = off; the paper's default is 0 for LLMs, 1e-4 … 1e-5 elsewhere).
 Yuan et al., "Bridging The Gap between Low-rank and Orthogonal Adaptation via Householder
@@ -27,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.methods.peft_orthogonal import HRA as PEFT  # noqa: F401  (the PEFT mapping)
@@ -98,16 +101,26 @@ def reflect(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def reflect_lean(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`reflect`, keeping only x and u for the backward pass (which recomputes the chain).
+    Same values and gradients, bit for bit; without it autograd keeps each pair's input and its
+    4c·(sv u) product: r activation-sized tensors per module (HRA r = 8 on SmolLM2 at batch 8 × 128:
+    +29% peak memory over PEFT, which multiplies W by a dense H instead)."""
+    if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad):
+        return checkpoint(reflect, x, u, use_reentrant=False, preserve_rng_state=False)
+    return reflect(x, u)
+
+
 def forward(layer, x: torch.Tensor) -> torch.Tensor:
     u = layer.tensors()["hra_u"]
-    return layer.base(reflect(x.to(u.dtype), u).to(x.dtype))
+    return layer.base(reflect_lean(x.to(u.dtype), u).to(x.dtype))
 
 
 def delta_x(layer, x: torch.Tensor) -> torch.Tensor:
     """ΔW x = W (H x − x) in float32 (for DoRA on top)."""
     u = layer.tensors()["hra_u"].float()
     xf = x.float()
-    return (reflect(xf, u) - xf) @ layer.weight().float().transpose(0, 1)
+    return (reflect_lean(xf, u) - xf) @ layer.weight().float().transpose(0, 1)
 
 
 def merged(w: torch.Tensor, t: dict, info) -> torch.Tensor:
