@@ -4,16 +4,16 @@
 
 Hypothesis: like OFT, keep the angles between W's neurons (H is orthogonal), with a rank-r
 parametrisation: H − I has rank ≤ r, so ΔW = W(H − I) has rank ≤ r too (a bridge between OFT and
-LoRA). Init pairs equal vectors, u₂ₖ = u₂ₖ₊₁ (kaiming-uniform halves, as the paper and PEFT), so each
-pair's product is I; r must be even. Each pair is applied as one step,
+LoRA). Init pairs equal vectors, u₂ₖ = u₂ₖ₊₁ (kaiming-uniform halves, as the paper and PEFT), so
+each pair's product is I; r must be even. Each pair is applied as one step,
 
     H(u)H(v) x = x + d,   d = 4 (uᵀv / ‖u‖²) u (vᵀx / ‖v‖²) − 2 u (uᵀx / ‖u‖²) − 2 v (vᵀx / ‖v‖²)
 
 written so that d = 4p − 2p − 2p = 0 exactly when u = v: the adapted model is the base bit for bit
 at init in every dtype. The forward pass reflects the activations (O(tokens · in · r)); merge
-applies the reflections to W's rows, never forming H. In training the chain is checkpointed: autograd
-keeps x and U, and the backward pass recomputes the r/2 intermediate activations (one extra
-O(tokens · in · r) pass) instead of keeping two activation-sized tensors per pair.
+applies the reflections to W's rows, never forming H. In training the chain is checkpointed:
+autograd keeps x and U, and the backward pass recomputes the r/2 intermediate activations (one
+extra O(tokens · in · r) pass) instead of keeping two activation-sized tensors per pair.
 Optional orthogonality regulariser λ‖I − ÛᵀÛ‖²_F (Û: U with unit columns), ``--hra-lambda``,
 added to the training loss (0 = off; the paper's default is 0 for LLMs, 1e-4 … 1e-5 elsewhere).
 Yuan et al., "Bridging The Gap between Low-rank and Orthogonal Adaptation via Householder
