@@ -28,6 +28,7 @@ import torch
 from adaptedit import __version__, checks, geometry
 from adaptedit.aggregate import aggregate, group, md_correlation, verdict
 from adaptedit.errors import AdapteditError, UsageError
+from adaptedit.linalg import one_thread_each
 from adaptedit.svd_cache import base_svd, best_cos, cache_max
 from adaptedit.targets import Target, select, to_w
 
@@ -257,10 +258,9 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
     for _, _, ad in points_src:
         recorded_targets(ad, source)
     ckpt = source.checkpoint
-    records, points, notes = [], [], []
-    cache_hits = 0
     task = progress.add_task("Inspecting", total=len(targets)) if progress else None
-    for t in targets:
+
+    def one(t: Target) -> tuple[dict, list, bool]:
         info = main.config.modules[t.name]
         bt = found[t.name]
         raw, w = _w0(ckpt, bt, source.ref)
@@ -268,7 +268,6 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
         k = _check_k(opts, t, info.rank)
         svd0 = base_svd(raw, bt.kind, w, mode=opts.svd, need=max(k, opts.intruder_k),
                         seed=opts.seed, cache=opts.cache)
-        cache_hits += svd0["cached"]
         delta = _adapter_delta(main, t.name, w)
         if delta is None:
             rec = zero_record(w)
@@ -280,22 +279,28 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
                "base_svd": svd0["kind"], "method": method_extras(main, t.name, w, rec["fro"])}
         if svd0["accuracy"]:
             rec["base_svd_accuracy"] = svd0["accuracy"]
-        records.append(rec)
-        if points_src:
-            for label, step, ad in points_src:
-                if t.name not in ad.config.modules:
-                    continue
-                if ad is not main:
-                    check_weight(ad, t.name, raw, source.ref)
-                pt = _cheap_point(w, _adapter_delta(ad, t.name, w))
-                points.append({"label": label, "step": step, "module": t.name,
-                               "type": t.module_type, "layer": t.layer, **pt})
-        else:
-            points.append({"label": str(main.path), "step": None, "module": t.name,
-                           "type": t.module_type, "layer": t.layer, "fro": rec["fro"],
-                           "delta_m": rec["delta_m"], "delta_d": rec["delta_d"]})
+        pts = []
+        for label, step, ad in points_src:
+            if t.name not in ad.config.modules:
+                continue
+            if ad is not main:
+                check_weight(ad, t.name, raw, source.ref)
+            pt = _cheap_point(w, _adapter_delta(ad, t.name, w))
+            pts.append({"label": label, "step": step, "module": t.name,
+                        "type": t.module_type, "layer": t.layer, **pt})
+        if not points_src:
+            pts.append({"label": str(main.path), "step": None, "module": t.name,
+                        "type": t.module_type, "layer": t.layer, "fro": rec["fro"],
+                        "delta_m": rec["delta_m"], "delta_d": rec["delta_d"]})
         if progress:
             progress.advance(task)
+        return rec, pts, svd0["cached"]
+
+    done = one_thread_each(one, targets)  # modules are independent: one thread each
+    records = [rec for rec, _, _ in done]
+    points = [p for _, pts, _ in done for p in pts]
+    cache_hits = sum(cached for _, _, cached in done)
+    notes = []
     cfg = main.config
     mode = "trajectory" if trajectory else ("adapters" if len(folders) > 1 else "adapter")
     report = _report(mode, records, points, opts, notes, start, cache_hits)
@@ -321,15 +326,14 @@ def inspect_checkpoints(base: str | None, tuned: str, *, opts: Options | None = 
     compare_checkpoints(bsrc, tsrc, "inspect")
     bc, tc = bsrc.checkpoint, tsrc.checkpoint
     targets = select(bsrc.targets, opts.targets)
-    records, points, cache_hits = [], [], 0
     task = progress.add_task("Inspecting", total=len(targets)) if progress else None
-    for t in targets:
+
+    def one(t: Target) -> tuple[dict, dict, bool]:
         raw, w = _w0(bc, t, bsrc.ref)
         _, w1 = _w0(tc, t, tsrc.ref)
         k = _check_k(opts, t, CHECKPOINT_K)
         svd0 = base_svd(raw, t.kind, w, mode=opts.svd, need=max(k, opts.intruder_k),
                         seed=opts.seed, cache=opts.cache)
-        cache_hits += svd0["cached"]
         d = w1 - w
         del w1
         zero = not bool(torch.count_nonzero(d))
@@ -340,12 +344,17 @@ def inspect_checkpoints(base: str | None, tuned: str, *, opts: Options | None = 
                "base_svd": svd0["kind"], "method": {}}
         if svd0["accuracy"]:
             rec["base_svd_accuracy"] = svd0["accuracy"]
-        records.append(rec)
-        points.append({"label": tsrc.ref, "step": None, "module": t.name, "type": t.module_type,
-                       "layer": t.layer, "fro": rec["fro"], "delta_m": rec["delta_m"],
-                       "delta_d": rec["delta_d"]})
+        point = {"label": tsrc.ref, "step": None, "module": t.name, "type": t.module_type,
+                 "layer": t.layer, "fro": rec["fro"], "delta_m": rec["delta_m"],
+                 "delta_d": rec["delta_d"]}
         if progress:
             progress.advance(task)
+        return rec, point, svd0["cached"]
+
+    done = one_thread_each(one, targets)  # modules are independent: one thread each
+    records = [rec for rec, _, _ in done]
+    points = [point for _, point, _ in done]
+    cache_hits = sum(cached for _, _, cached in done)
     report = _report("checkpoints", records, points, opts, [], start, cache_hits)
     report["base"] = {"ref": bsrc.ref, "path": str(bsrc.path)}
     report["tuned"] = {"ref": tsrc.ref, "path": str(tsrc.path)}

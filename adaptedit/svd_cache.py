@@ -9,8 +9,8 @@ intruder test the columns in between are bounded (:func:`best_cos`) and, in the 
 cannot decide, recomputed.
 
 Entries live in ``cache_dir()/svd/<fingerprint>-<kind>-<tag>.safetensors`` and the folder is capped
-at ``ADAPTEDIT_SVD_CACHE_MAX`` (default 2GB; ``0`` writes nothing): after each write the least
-recently used entries go until it fits.
+at ``ADAPTEDIT_SVD_CACHE_MAX`` (default 2GB; ``0`` writes nothing): when a write may take the
+folder past the cap, the least recently used entries go until it fits.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ EXACT_MAX = 2048  # min(out, in) up to which W₀'s SVD is exact (all singular v
 KEEP = 64  # singular vectors kept at each end of an exact entry (at least; more when k needs it)
 CACHE_MAX_ENV = "ADAPTEDIT_SVD_CACHE_MAX"
 CACHE_MAX_DEFAULT = 2 << 30
+_SCANNED: dict = {}  # (folder, cap) -> bytes found at the last scan + what this process wrote since
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
@@ -151,10 +152,18 @@ def _store(path: Path, t: dict) -> None:
     try:
         save_file({k: v.contiguous() for k, v in t.items()}, tmp, metadata={"format": "pt"})
         os.replace(tmp, path)
+        written = path.stat().st_size
     except OSError:
         Path(tmp).unlink(missing_ok=True)
         return
-    trim(path.parent, limit, keep=path)
+    # Scanning the folder costs ~2 ms per write at 200 entries: scan on this process's first write
+    # and whenever its writes since the last scan could take the folder past the cap.
+    key = (path.parent, limit)
+    known = _SCANNED.get(key)
+    if known is not None and known + written <= limit:
+        _SCANNED[key] = known + written
+    else:
+        _SCANNED[key] = trim(path.parent, limit, keep=path)
 
 
 def trim(folder: Path, limit: int, keep: Path | None = None) -> int:
