@@ -62,6 +62,8 @@ def top_energy(w: torch.Tensor, rank: int) -> torch.Tensor:
     eigenvalues of the Gram matrix of the smaller side (exact to ~1e-15 relative for the leading
     ones, and 3-5× cheaper than ``svdvals``). One matrix per thread (:func:`one_thread_each`).
     Returns (b,)."""
+    if w.device.type != "cpu":
+        return _top_energy(w, rank)
     return torch.stack(one_thread_each(lambda j: _top_energy(w[j:j + 1], rank)[0],
                                        range(w.shape[0])))
 
@@ -133,7 +135,12 @@ def extreme_svd(w: torch.Tensor, rank: int, minor: bool):
         hit = _SHARED.get(key)
         if hit is not None:
             return hit[minor]
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    if w.dim() == 3 and w.device.type == "cpu":  # one matrix per thread (:func:`one_thread_each`)
+        parts = one_thread_each(lambda j: torch.linalg.svd(w[j].double(), full_matrices=False),
+                                range(w.shape[0]))
+        u, s, vh = (torch.stack(part) for part in zip(*parts))
+    else:
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     top = (u[..., :, :rank], s[..., :rank], vh[..., :rank, :])
     bottom = (u[..., :, -rank:], s[..., -rank:], vh[..., -rank:, :])
     if key is not None:

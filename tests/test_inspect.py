@@ -329,3 +329,29 @@ def test_layer_grid_survives_non_finite_values():
     con.print(summary_table(report))
     text = con.export_text()
     assert "×1e-3" in text and "nan" in text and "4.00" in text
+
+
+def test_figures_do_not_depend_on_the_thread_count(tiny_llama, tmp_path):
+    """Modules are analysed one thread each (linalg.one_thread_each): the report with torch's 2
+    threads is the report of a single thread, bit for bit, in module order — trajectory points
+    and two-checkpoint mode included."""
+    folder = make(tiny_llama, tmp_path / "run", method="pissa", noise=0.03, also_a=True)
+    make(tiny_llama, folder / "checkpoints" / "step-000010", method="pissa", noise=0.01)
+    before = torch.get_num_threads()
+    reports = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            rep = inspect_adapters([folder], trajectory=True, opts=Options(cache=False))
+            rep2 = inspect_checkpoints(str(tiny_llama), str(tiny_llama), opts=Options(cache=False))
+            for r in (rep, rep2):
+                r.pop("seconds")
+            reports[n] = (rep, rep2)
+    finally:
+        torch.set_num_threads(before)
+    assert reports[1] == reports[2]
+    from adaptedit.formats import load_adapter
+
+    names = [r["name"] for r in reports[2][0]["modules"]]
+    assert names == list(load_adapter(folder).config.modules)  # the adapter's module order
+    assert [p["label"] for p in reports[2][0]["md"]["points"][:2]] == ["step-000010", "final"]
