@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -319,22 +316,6 @@ def check_resume(folder: Path, record: dict) -> None:
                              "comparison started (sha256 differs); restore it or use -o NEW_DIR")
 
 
-def read_results(folder: Path) -> list:
-    """The finished runs of results.jsonl; a line cut by a kill is dropped (the file rewritten)."""
-    path = folder / RESULTS
-    if not path.exists():
-        return []
-    good, lines = [], path.read_text().splitlines()
-    for line in lines:
-        try:
-            good.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    if len(good) != len([ln for ln in lines if ln.strip()]):
-        path.write_text("".join(json.dumps(r) + "\n" for r in good))
-    return good
-
-
 # ------------------------------------------------------------------------------------- running
 
 
@@ -356,7 +337,7 @@ def compare(opts: CompareOptions, *, out: Path, resume: bool = False, progress=N
     """Run (or resume) the comparison into ``out`` and write every output. ``progress(event,
     info)`` is told "plan", "run_start", "step", "run_end" and "report"."""
     from adaptedit import compare_report, compare_stats
-    from adaptedit.compare_run import Runner
+    from adaptedit.compare_run import Runner, read_results
     from adaptedit.models import model_inputs, resolve
 
     tell = progress or (lambda event, info: None)
@@ -390,19 +371,3 @@ def compare(opts: CompareOptions, *, out: Path, resume: bool = False, progress=N
     files = compare_report.write_all(out, results, summary)
     tell("report", {"files": files})
     return CompareResults(out, results, summary, files)
-
-
-def append_result(out: Path, rec: dict) -> None:
-    with open(out / RESULTS, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def clear_run(folder: Path) -> None:
-    """A run folder without a checkpoint (killed during init or before its first save): redone."""
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def now() -> float:
-    return time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -68,7 +69,7 @@ class Runner:
             for i, spec in enumerate(todo):
                 self.tell("run_start", {"run": spec.id, "index": i, "todo": len(todo)})
                 rec = self.run(spec)
-                compare.append_result(self.out, rec)
+                append_result(self.out, rec)
                 done[spec.id] = rec
                 self.tell("run_end", {"run": spec.id, "record": rec})
 
@@ -98,7 +99,7 @@ class Runner:
                 self.tell("run_start", {"run": payload, "index": len(todo) - left,
                                         "todo": len(todo)})
                 continue
-            compare.append_result(self.out, payload)
+            append_result(self.out, payload)
             done[payload["run"]] = payload
             left -= 1
             self.tell("run_end", {"run": payload["run"], "record": payload})
@@ -121,7 +122,7 @@ class Runner:
         model = self.load()
         resume = bool(checkpoint_dirs(folder, with_state=True))
         if folder.exists() and not resume:
-            compare.clear_run(folder)  # killed before its first checkpoint: start it again
+            clear_run(folder)  # killed before its first checkpoint: start it again
         cfg, given = make_config(dict(spec.train), resume=resume)
         finished = False
         if resume:
@@ -232,3 +233,34 @@ def _worker(gpu: int, opts, model_ref: str, out: str, jobs, results) -> None:
                 results.put(("done", runner.run(spec)))
     except Exception as e:  # reported by the parent as one line
         results.put(("error", f"--jobs worker {gpu}: {type(e).__name__}: {e}"))
+
+
+# ------------------------------------------------------------------ the results file
+
+
+def read_results(folder: Path) -> list:
+    """The finished runs of results.jsonl; a line cut by a kill is dropped (the file rewritten)."""
+    path = folder / compare.RESULTS
+    if not path.exists():
+        return []
+    good, lines = [], path.read_text().splitlines()
+    for line in lines:
+        try:
+            good.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if len(good) != len([ln for ln in lines if ln.strip()]):
+        path.write_text("".join(json.dumps(r) + "\n" for r in good))
+    return good
+
+
+def append_result(out: Path, rec: dict) -> None:
+    with open(out / compare.RESULTS, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def clear_run(folder: Path) -> None:
+    """A run folder without a checkpoint (killed during init or before its first save): redone."""
+    shutil.rmtree(folder, ignore_errors=True)
