@@ -5,7 +5,9 @@ A method names its vectors in ``VECTORS`` ({name: (kind, label)}) and returns th
 
     by_index_<name>.png      kind "by_index": one line per module over the singular index
                              (SVFT/SSVD: ΔΣ_i — which singular directions moved), a panel per
-                             module type, colour = layer, the type's mean |value| in black
+                             module type, colour = layer, the type's mean |value| in black; with
+                             more than LINES_MAX modules in a panel, the median and the 10-90%
+                             band over its modules instead of one line each
     distribution_<name>.png  kind "distribution": a histogram per module type of the values of all
                              its modules (IA3's gains, VeRA's b and d, RoAd's α and |θ|)
 
@@ -20,6 +22,8 @@ import math
 KINDS = ("by_index", "distribution")
 PATTERNS = tuple(f"{k}_*.png" for k in KINDS)
 BINS = 40
+LINES_MAX = 8  # modules per by_index panel drawn one line each; more: median and 10-90% band
+BAND = (10, 90)
 
 
 def method_vectors(report: dict) -> dict:
@@ -74,13 +78,22 @@ def by_index(entry: dict):
     layers = [m["layer"] for m in entry["modules"].values() if m["layer"] is not None]
     top = max(layers, default=0) or 1
     cmap = plt.get_cmap("viridis")
+    banded = False
     for ax, (typ, mods) in zip(axes, types.items()):
-        for name, m in mods:
-            v = m["values"]
-            ax.plot(range(len(v)), v, lw=0.9, alpha=0.7, gid=name,
-                    color=cmap((m["layer"] or 0) / top))
         width = min(len(m["values"]) for _, m in mods)
-        mean = np.mean([np.abs(m["values"][:width]) for _, m in mods], axis=0)
+        stack = np.stack([m["values"][:width] for _, m in mods])
+        if len(mods) <= LINES_MAX:
+            for name, m in mods:
+                v = m["values"]
+                ax.plot(range(len(v)), v, lw=0.9, alpha=0.7, gid=name,
+                        color=cmap((m["layer"] or 0) / top))
+        else:  # dozens of overlapping lines read as one blot: the spread across modules instead
+            banded = True
+            lo, mid, hi = np.percentile(stack, [BAND[0], 50, BAND[1]], axis=0)
+            ax.fill_between(range(width), lo, hi, color="tab:blue", alpha=0.3, lw=0,
+                            gid="band", label=f"{BAND[0]}-{BAND[1]}% of modules")
+            ax.plot(range(width), mid, color="tab:blue", lw=1.2, gid="median", label="median")
+        mean = np.abs(stack).mean(axis=0)
         ax.plot(range(width), mean, color="black", lw=1.6, gid="mean_abs", label="mean |·|")
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_title(f"{typ} ({len(mods)} modules)", fontsize=9)
@@ -89,8 +102,8 @@ def by_index(entry: dict):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     axes[0].set_ylabel(entry["label"], fontsize=8)
-    fig.suptitle(f"{entry['method']}: {entry['label']} per singular index "
-                 "(colour: layer, dark = first)", fontsize=10)
+    how = "median and spread over modules" if banded else "colour: layer, dark = first"
+    fig.suptitle(f"{entry['method']}: {entry['label']} per singular index ({how})", fontsize=10)
     fig.tight_layout()
     return fig
 

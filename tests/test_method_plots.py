@@ -119,3 +119,27 @@ def test_existing_method_plot_refused_without_force(inspected, tmp_path):
     code, _, err = run_cli(["inspect", str(ad.path), "--plot", str(tmp_path / "p"), "-q"])
     assert code != 0 and "by_index_dsigma.png already exists" in err and "--force" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_by_index_many_modules_draw_the_median_and_band():
+    """Above LINES_MAX modules a panel shows the median and the 10-90% band over its modules
+    (numpy's percentiles of the stacked vectors are the reference), and the mean |·| line."""
+    g = np.random.default_rng(0)
+    n = method_plots.LINES_MAX + 5
+    vals = {f"model.layers.{i}.q_proj": g.normal(size=12) * (i + 1) for i in range(n)}
+    entry = {"kind": "by_index", "label": "ΔΣ", "method": "svft",
+             "modules": {k: {"type": "q_proj", "layer": i, "values": v}
+                         for i, (k, v) in enumerate(vals.items())}}
+    fig = method_plots.by_index(entry)
+    ax = fig.axes[0]
+    lines = {ln.get_gid(): ln.get_ydata() for ln in ax.get_lines() if ln.get_gid()}
+    assert set(lines) == {"median", "mean_abs"}  # no per-module lines
+    stack = np.stack(list(vals.values()))
+    assert np.allclose(lines["median"], np.median(stack, axis=0), rtol=0, atol=1e-12)
+    assert np.allclose(lines["mean_abs"], np.abs(stack).mean(axis=0), rtol=0, atol=1e-12)
+    band = next(c for c in ax.collections if c.get_gid() == "band")
+    ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+    lo, hi = np.percentile(stack, [10, 90], axis=0)
+    for edge in (lo, hi):  # every point of both edges is a vertex of the band
+        assert np.abs(ys[None, :] - edge[:, None]).min(axis=1).max() < 1e-12
+    assert "median and spread" in fig._suptitle.get_text()
