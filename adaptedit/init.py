@@ -17,6 +17,7 @@ from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.devices import resolve_device
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import fingerprint, top_energy
+from adaptedit.svd_cache import gram_spectra
 from adaptedit.models import ModelSource
 from adaptedit.targets import (ALL_LINEAR, Target, parse_pattern, pattern_unmatched, pattern_value,
                                select, to_w)
@@ -177,6 +178,7 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
                                          "the checkpoint is damaged")
                 ws.append(w)
             w = torch.stack(ws).to(device)
+            fps = [fingerprint(r) for r in raw]
             scaling = scaling_for(alpha, rank, opts.rslora)
             init_opts = {**options, "rank": rank, "scaling": scaling, "generator": gen,
                          "svd": svd_kind, "niter": opts.niter, "oversample": opts.oversample,
@@ -185,12 +187,12 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
             s_found = out.pop("_s", None)
             if svd_kind == "randomized" and s_found is not None:
                 for j, how in _meet_floor(method, w, rank, init_opts, out, s_found, opts, energies,
-                                          chunk).items():
+                                          chunk, fps).items():
                     refined[chunk[j].name] = how
             for j, t in enumerate(chunk):
                 tensors[t.name] = {k: v[j].detach().cpu().contiguous() for k, v in out.items()}
                 infos[t.name] = ModuleInfo.of(t, rank=rank, alpha=alpha, scaling=scaling,
-                                              fingerprint=fingerprint(raw[j]),
+                                              fingerprint=fps[j],
                                               captured_energy=energies.get(t.name))
             if progress:
                 progress.advance(task, len(chunk))
@@ -210,10 +212,12 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
     return Adapter(config, {n: tensors[n] for n in order})
 
 
-def _meet_floor(method, w, rank, init_opts, out, s_found, opts, energies, chunk) -> dict:
-    """Measure the captured energy of every module of a chunk (into ``energies``) and redo those
-    below the floor in place in ``out``. Returns {index in chunk: how it was redone}."""
-    exact = top_energy(w, rank)
+def _meet_floor(method, w, rank, init_opts, out, s_found, opts, energies, chunk, fps) -> dict:
+    """Measure the captured energy of every module of a chunk (into ``energies``) against the exact
+    top-r energy (the float64 Gram spectrum, cached per weight) and redo those below the floor in
+    place in ``out``. Returns {index in chunk: how it was redone}."""
+    spectra = gram_spectra(w, fps, [t.kind for t in chunk])
+    exact = torch.stack([top_energy(e, rank) for e in spectra]).to(w.device)
     found = (s_found.double() ** 2).sum(-1)
     captured = torch.where(exact > 0, found / exact.clamp_min(1e-300), torch.ones_like(exact))
     redone = {}

@@ -3,8 +3,11 @@
     .venv/bin/python benchmarks/bench_init.py [--rank 16] [--niter 4] [--runs 3]      # processes
     .venv/bin/python benchmarks/bench_init.py --library [--repeat 3]                   # in-process
 
-Default: whole processes, as users run them, alternating (adaptedit, adaptedit --energy-floor 0,
-PEFT) ``--runs`` times; the median wall time of each and the ratio PEFT / adaptedit (target ≥ 2×):
+Default: whole processes, as users run them, alternating (adaptedit cold, adaptedit warm, adaptedit
+--energy-floor 0 cold, PEFT) ``--runs`` times; the median wall time of each and the ratio PEFT /
+adaptedit (target ≥ 2×). "Cold" deletes the Gram spectra init caches per base weight
+(``svd_cache.gram_spectra``) before the run; "warm" runs right after a cold run, as a second init of
+the same base (another rank, seed or method) does:
 
 - adaptedit: ``python -m adaptedit init smollm2-135m --method pissa --svd randomized --niter 4
   --rank 16 -o DIR --force -q`` (with the default energy floor: every module's captured energy
@@ -44,15 +47,18 @@ peft.get_peft_model(model, cfg).save_pretrained(sys.argv[2])
 
 
 def processes(args) -> None:
-    from adaptedit.models import resolve
+    from adaptedit.models import cache_dir, resolve
 
     folder = resolve(None).path  # the converted embedded model (converted once, before timing)
     work = Path(tempfile.mkdtemp(prefix="bench-init-"))
     ours = [sys.executable, "-m", "adaptedit", "init", "smollm2-135m", "--method", "pissa", "--svd",
             "randomized", "--niter", str(args.niter), "--rank", str(args.rank), "--force", "-q"]
     runs = {
-        "adaptedit init (energy floor 0.96)": ours + ["-o", str(work / "a")],
-        "adaptedit init --energy-floor 0": ours + ["--energy-floor", "0", "-o", str(work / "b")],
+        "adaptedit init (energy floor 0.96), cold: no cached spectra": ours + ["-o", str(work / "a")],
+        "adaptedit init (energy floor 0.96), warm: spectra cached by the run before":
+            ours + ["-o", str(work / "w")],
+        "adaptedit init --energy-floor 0, cold": ours + ["--energy-floor", "0", "-o",
+                                                         str(work / "b")],
         f"PEFT pissa_niter_{args.niter} (transformers load + get_peft_model + save)":
             [sys.executable, "-c", PEFT_SCRIPT, str(folder), str(work / "p"), str(args.rank),
              str(args.niter)],
@@ -60,6 +66,9 @@ def processes(args) -> None:
     times = {k: [] for k in runs}
     for _ in range(args.runs):
         for label, cmd in runs.items():
+            if "cold" in label:  # the Gram spectra init caches per weight (svd_cache.gram_spectra)
+                for entry in (cache_dir() / "svd").glob("*-gram.safetensors"):
+                    entry.unlink()
             t = time.perf_counter()
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env={**os.environ, "PYTHONWARNINGS": "ignore"})

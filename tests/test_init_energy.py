@@ -87,3 +87,26 @@ def test_cli_reports_min_and_worst_module(bases, tmp_path):
     code, _, err = run_cli(["init", str(bases["flat"]), "--method", "pissa", "--energy-floor", "1.5",
                             "-o", str(tmp_path / "bad")])
     assert code == 2 and "--energy-floor 1.5: must be in [0, 1]" in err
+
+
+def test_second_init_reads_the_cached_spectra_and_is_identical(bases, tmp_path, monkeypatch):
+    """The exact top-r energy comes from each weight's float64 Gram spectrum, cached per weight: a
+    second init of the same base (here another rank) computes none, and the adapter of a repeated
+    init is the first one bit for bit (tensors and recorded energies)."""
+    monkeypatch.setenv("ADAPTEDIT_CACHE", str(tmp_path / "cache"))  # empty: this test's own
+    calls = []
+    real = torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = _pissa(bases["flat"])
+    n_modules = len(first.config.modules)
+    assert len(calls) == n_modules  # one spectrum per weight
+    second = _pissa(bases["flat"])
+    other_rank = build(resolve(str(bases["flat"])),
+                       InitOptions(method="pissa", rank=8, svd="randomized"))
+    assert len(calls) == n_modules  # read back, not recomputed
+    assert other_rank.config.init["captured_energy_min"] > 0
+    for name, info in first.config.modules.items():
+        assert second.config.modules[name].captured_energy == info.captured_energy
+        for key, v in first.tensors[name].items():
+            assert torch.equal(second.tensors[name][key], v)
+    assert len(list((tmp_path / "cache" / "svd").glob("*-gram.safetensors"))) == n_modules
