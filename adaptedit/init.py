@@ -17,8 +17,8 @@ from adaptedit.adapter import Adapter, AdapterConfig, ModuleInfo
 from adaptedit.devices import resolve_device
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.linalg import fingerprint, top_energy
-from adaptedit.svd_cache import gram_spectra
 from adaptedit.models import ModelSource
+from adaptedit.svd_cache import gram_spectra
 from adaptedit.targets import (ALL_LINEAR, Target, parse_pattern, pattern_unmatched, pattern_value,
                                select, to_w)
 
