@@ -26,7 +26,6 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -69,7 +68,7 @@ def one(impl: str, method: str, steps: int, warmup: int) -> dict:
     import warnings
 
     import torch
-    from bench_train import batch
+    from bench_train import batch, timed_steps
 
     from adaptedit.models import resolve
 
@@ -98,19 +97,7 @@ def one(impl: str, method: str, steps: int, warmup: int) -> dict:
 
         def step_loss():
             return loss_sum(model, positions, data, torch.device("cpu")) / n
-    model.train()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        loss = step_loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = sorted(times)[len(times) // 2]
+    step_s, loss = timed_steps(model, params, step_loss, steps, warmup)
     return {"impl": impl, "method": method, "step_s": round(step_s, 3),
             "tok_s": round(data["input_ids"].numel() / step_s, 1),
             "loss": round(float(loss.detach()), 4), "trainable": sum(p.numel() for p in params),

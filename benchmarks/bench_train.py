@@ -22,6 +22,26 @@ CONFIGS = [("adaptedit", "lora"), ("peft", "lora"), ("adaptedit", "pissa"), ("pe
            ("adaptedit", "dora"), ("peft", "dora")]
 
 
+def timed_steps(model, params, step_loss, steps: int, warmup: int):
+    """Median seconds of ``steps`` training steps (forward + backward + clip + AdamW) after
+    ``warmup``, and the last loss."""
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = step_loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], loss
+
+
 def batch(tok, n=8, length=128, seed=0):
     """n chat examples of exactly ``length`` tokens (truncated / right-padded), prompt masked."""
     from adaptedit.data import Tokenize, collate
@@ -89,19 +109,7 @@ def one(impl: str, method: str, steps: int, warmup: int, rank: int) -> dict:
 
         def step_loss():
             return loss_sum(model, positions, data, torch.device("cpu")) / n
-    model.train()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        loss = step_loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = sorted(times)[len(times) // 2]
+    step_s, loss = timed_steps(model, params, step_loss, steps, warmup)
     tokens = data["input_ids"].numel()
     return {"impl": impl, "method": method, "rank": rank, "step_s": round(step_s, 3),
             "tok_s": round(tokens / step_s, 1), "loss": round(float(loss.detach()), 4),
