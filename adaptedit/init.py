@@ -25,7 +25,8 @@ from adaptedit.targets import (ALL_LINEAR, Target, parse_pattern, pattern_unmatc
 BATCH_BYTES = 256 << 20  # float32 weights decomposed together at most
 # The randomized SVD's captured energy Σσ̂²/Σσ² (top r) is measured on every module against the
 # exact top-r energy; a module below the floor is decomposed again with more power iterations
-# (REFINE_NITER), and with the exact SVD if those do not reach it either.
+# (REFINE_NITER), and with the exact SVD if those do not reach it either. A floor of 0 turns the
+# guard off: the fixed sketch, nothing measured (the work PEFT's pissa_niter_K does).
 ENERGY_FLOOR = 0.96
 REFINE_NITER = (8, 16, 32)
 
@@ -46,7 +47,7 @@ class InitOptions:
     device: str = "auto"
     delora_lambda: float = 15.0
     options: dict = field(default_factory=dict)  # the method's own options given (OPTIONS keys)
-    energy_floor: float = ENERGY_FLOOR  # randomized SVD: least captured energy of every module
+    energy_floor: float = ENERGY_FLOOR  # randomized SVD: least captured energy per module; 0: off
 
 
 def plan(source: ModelSource, opts: InitOptions) -> tuple[list[Target], dict[str, int]]:
@@ -185,7 +186,7 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
                          "delora_lambda": opts.delora_lambda, "names": [t.name for t in chunk]}
             out = method.init(w, init_opts)
             s_found = out.pop("_s", None)
-            if svd_kind == "randomized" and s_found is not None:
+            if svd_kind == "randomized" and s_found is not None and opts.energy_floor > 0:
                 for j, how in _meet_floor(method, w, rank, init_opts, out, s_found, opts, energies,
                                           chunk, fps).items():
                     refined[chunk[j].name] = how

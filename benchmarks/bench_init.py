@@ -11,8 +11,8 @@ the same base (another rank, seed or method) does:
 
 - adaptedit: ``python -m adaptedit init smollm2-135m --method pissa --svd randomized --niter 4
   --rank 16 -o DIR --force -q`` (with the default energy floor: every module's captured energy
-  measured and the modules below 0.96 redone), and the same with ``--energy-floor 0`` (the fixed
-  sketch, still measured on every module);
+  measured and the modules below 0.96 redone), and the same with ``--energy-floor 0`` (the guard
+  off: the fixed sketch, nothing measured — the work PEFT does);
 - PEFT: a script that loads the same safetensors folder with transformers
   (``AutoModelForCausalLM``, float32), calls ``get_peft_model(LoraConfig(init_lora_weights=
   "pissa_niter_4", target_modules="all-linear"))`` and ``save_pretrained``.
@@ -57,7 +57,7 @@ def processes(args) -> None:
         "adaptedit init (energy floor 0.96), cold: no cached spectra": ours + ["-o", str(work / "a")],
         "adaptedit init (energy floor 0.96), warm: spectra cached by the run before":
             ours + ["-o", str(work / "w")],
-        "adaptedit init --energy-floor 0, cold": ours + ["--energy-floor", "0", "-o",
+        "adaptedit init --energy-floor 0 (guard off, as PEFT)": ours + ["--energy-floor", "0", "-o",
                                                          str(work / "b")],
         f"PEFT pissa_niter_{args.niter} (transformers load + get_peft_model + save)":
             [sys.executable, "-c", PEFT_SCRIPT, str(folder), str(work / "p"), str(args.rank),

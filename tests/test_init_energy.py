@@ -67,10 +67,29 @@ def test_modules_that_meet_the_floor_are_unchanged(bases):
     for name in ad.names:
         same = all(torch.equal(v, fixed.tensors[name][k]) for k, v in ad.tensors[name].items())
         assert same == (name not in refined), name
-        if name not in refined:
-            assert ad.config.modules[name].captured_energy == fixed.config.modules[name].captured_energy
     assert ad.config.init["captured_energy_min"] >= ENERGY_FLOOR
-    assert fixed.config.init["captured_energy_min"] < ENERGY_FLOOR
+    assert min(_reference(bases["gauss"], fixed).values()) < ENERGY_FLOOR
+
+
+def test_floor_zero_is_the_fixed_sketch_unmeasured(bases, tmp_path, monkeypatch):
+    """--energy-floor 0 turns the guard off: the same factors as the guarded run where it kept the
+    sketch, no energy measured or recorded, no Gram spectra computed or cached."""
+    monkeypatch.setenv("ADAPTEDIT_CACHE", str(tmp_path / "cache"))
+    fixed = _pissa(bases["gauss"], energy_floor=0.0)
+    assert not list((tmp_path / "cache").rglob("*-gram.safetensors"))
+    assert all(m.captured_energy is None for m in fixed.config.modules.values())
+    assert not any(k.startswith(("captured_energy", "energy_")) for k in fixed.config.init)
+    ad = _pissa(bases["gauss"])
+    assert list((tmp_path / "cache").rglob("*-gram.safetensors"))  # the guarded run measures
+    kept = [n for n in ad.names if n not in ad.config.init["energy_refined"]]
+    assert kept and all(torch.equal(v, fixed.tensors[n][k]) for n in kept
+                        for k, v in ad.tensors[n].items())
+    code, out, err = run_cli(["init", str(bases["gauss"]), "--method", "pissa", "-r", "16", "--svd",
+                              "randomized", "--energy-floor", "0", "-o", str(tmp_path / "ad"),
+                              "--json", "-q"])
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["energy_floor"] == 0 and "captured_energy_min" not in rep
 
 
 def test_cli_reports_min_and_worst_module(bases, tmp_path):

@@ -36,7 +36,7 @@ def init(
     energy_floor: float = typer.Option(
         ENERGY_FLOOR, "--energy-floor",
         help="Randomized SVD: least captured top-r energy of every module; modules below it are "
-             "decomposed again with more power iterations (0: never)."),
+             "decomposed again with more power iterations (0: off, nothing measured, as PEFT)."),
     seed: int = typer.Option(0, "--seed", help="Seed for random init and randomized SVD."),
     delora_lambda: float = typer.Option(15.0, "--delora-lambda", help="DeLoRA's initial strength λ."),
     block_size: int = typer.Option(None, "--block-size", help="OFT/BOFT: size b of each rotated block (default PEFT's: OFT 32, BOFT 4; or the largest size that fits every targeted module)."),
@@ -88,6 +88,8 @@ def init(
         for k in ("captured_energy_min", "captured_energy_worst_module", "energy_floor"):
             header[k] = cfg.init[k]
         header["energy_refined_modules"] = len(cfg.init["energy_refined"])
+    elif cfg.init.get("svd") == "randomized" and opts.energy_floor == 0:
+        header["energy_floor"] = 0.0  # the guard is off: nothing measured, nothing redone
     save_adapter(adapter, out, force=force)
     if json_:
         console.emit_json(header)
@@ -105,6 +107,8 @@ def init(
                  f"{len(cfg.modules)} modules: {header['captured_energy_worst_module']})")
         elif k == "captured_energy_worst_module":
             continue
+        elif k == "energy_floor" and v == 0:
+            v = "0 (off: the fixed sketch, its captured energy not measured)"
         elif k == "energy_refined_modules":
             v = f"{v} (below the floor with --niter {opts.niter}: decomposed again)"
         table.add_row(k, str(v))
