@@ -202,6 +202,10 @@ def _import_lora(src: PeftFolder) -> Adapter:
     cfg, cfg_path, wpath, flat = src.cfg, src.cfg_path, src.wpath, src.flat
     if cfg.get("lora_bias"):
         raise AdapteditError(f"{cfg_path}: lora_bias=true is not supported")
+    if cfg.get("alora_invocation_tokens"):
+        src.refuse("alora_invocation_tokens", "an activated LoRA (aLoRA) changes only the tokens "
+                   "from its invocation sequence on, so it has no weight update to merge (PEFT "
+                   "refuses to merge it too) and read as plain LoRA it would change every token")
     init_value = cfg.get("init_lora_weights")
     if peft_init_rewrites_base(init_value):
         raise AdapteditError(

@@ -102,3 +102,38 @@ def test_export_usage(tiny_llama, tmp_path):
     assert code == 1 and "--force" in err
     code, out, err = run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p"), "--force", "--json"])
     assert code == 0 and json.loads(out)["modules"] == 14
+
+
+def test_import_refuses_activated_lora(tiny_llama, tmp_path):
+    """A PEFT aLoRA (``alora_invocation_tokens``) changes only the tokens from its invocation on:
+    PEFT's logits differ from the same factors read as plain LoRA, and PEFT cannot merge it, so
+    adaptedit refuses it instead of merging it into every token."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[20, 33])
+    model = get_peft_model(resolve(str(tiny_llama)).load(dtype=torch.float32), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "alora")
+    alora = logits(PeftModel.from_pretrained(resolve(str(tiny_llama)).load(dtype=torch.float32),
+                                             tmp_path / "alora").eval())
+    cfg_path = tmp_path / "alora" / "adapter_config.json"
+    raw = json.loads(cfg_path.read_text())
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    (plain_dir / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "alora" / "adapter_model.safetensors").read_bytes())
+    (plain_dir / "adapter_config.json").write_text(json.dumps({**raw,
+                                                               "alora_invocation_tokens": None}))
+    plain = logits(attach(resolve(str(tiny_llama)).load(dtype=torch.float32),
+                          load_adapter(plain_dir)))
+    assert (plain - peft_logits(tiny_llama, plain_dir)).abs().max() <= 1e-5
+    assert (plain - alora).abs().max() > 1e-2  # reading it as plain LoRA would be wrong
+    code, _, err = run_cli(["merge", str(tmp_path / "alora"), "--base", str(tiny_llama), "-o",
+                            str(tmp_path / "m"), "-q"])
+    assert code == 1 and "alora_invocation_tokens" in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
