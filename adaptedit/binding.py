@@ -74,6 +74,10 @@ def recorded_targets(adapter: Adapter, source) -> dict:
     module names differ from the keys by the model's prefix), the module tree decides.
     """
     ckpt = source.checkpoint
+    if adapter.config.source == "peft":
+        # PEFT records no keys, and its fan_in_fan_out flag is only a default it overrides per
+        # module (Linear or Conv1D): the base decides each module's layout
+        return check_base(adapter, source, verify_weights=False)
     found = {}
     for name, info in adapter.config.modules.items():
         if info.key not in ckpt:

@@ -137,3 +137,31 @@ def test_import_refuses_activated_lora(tiny_llama, tmp_path):
                             str(tmp_path / "m"), "-q"])
     assert code == 1 and "alora_invocation_tokens" in err and err.count("\n") == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_import_gpt2_without_fan_in_fan_out_merges_like_peft(tiny_gpt2, tmp_path):
+    """PEFT decides Linear vs Conv1D per module (a false ``fan_in_fan_out`` is overridden, with a
+    warning, on GPT-2's Conv1D; the saved flag is whatever the last wrapped module set), so the
+    base's module type, not the flag, gives the layout: on the square attn.c_proj a transposed ΔW
+    has the right shape and was merged silently with --no-verify."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    model = get_peft_model(resolve(str(tiny_gpt2)).load(dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["attn.c_proj"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "p")
+    cfg_path = tmp_path / "p" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "fan_in_fan_out": False}))
+    peft = PeftModel.from_pretrained(resolve(str(tiny_gpt2)).load(dtype=torch.float32),
+                                     tmp_path / "p")
+    expect = peft.merge_and_unload().state_dict()
+    code, _, err = run_cli(["merge", str(tmp_path / "p"), "--base", str(tiny_gpt2), "-o",
+                            str(tmp_path / "m"), "--no-verify", "-q"])
+    assert code == 0, err
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert max(float((got[k] - expect[k]).abs().max()) for k in got) <= 1e-6
