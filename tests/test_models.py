@@ -196,3 +196,54 @@ def test_real_minilm_bert_folder():
     with torch.no_grad():
         h = model(**tok(["a sentence"], return_tensors="pt")).last_hidden_state
     assert h.shape[-1] == 384 and torch.isfinite(h).all()
+
+
+def test_renamed_checkpoint_keys_llava(tmp_path):
+    """transformers saves a Llava (as Gemma 3, PaliGemma ...) with the keys of its checkpoint
+    format (``language_model.model.layers.*``), and renames them on load (to
+    ``model.language_model.layers.*``): every Linear of the loaded model but the head is a
+    target, with its checkpoint key, and a PEFT LoRA of the language model merges to PEFT's
+    merge_and_unload (before: the 14 language-model modules were silently left out of
+    all-linear, and the PEFT adapter refused)."""
+    import warnings
+
+    import fixtures
+    import transformers as T
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from adaptedit.formats import load_adapter
+    from adaptedit.merge import merge
+
+    warnings.filterwarnings("ignore")
+    tok = fixtures.make_tokenizer()
+    cfg = T.LlavaConfig(
+        vision_config=T.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=T.LlamaConfig(vocab_size=len(tok) + 1, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2),
+        image_token_index=len(tok))
+    torch.manual_seed(0)
+    base = fixtures._save(T.LlavaForConditionalGeneration(cfg).eval(), tok, tmp_path / "llava")
+    source = resolve(str(base))
+    model = source.load(dtype=torch.float32)
+    head = model.get_output_embeddings()
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert [t.name for t in source.targets] == linear and len(linear) == 22
+    assert all(t.key in source.checkpoint for t in source.targets)
+
+    torch.manual_seed(1)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    peft.save_pretrained(tmp_path / "p")
+    merge([load_adapter(tmp_path / "p")], tmp_path / "m", base=str(base))
+    merged = T.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    expect = PeftModel.from_pretrained(resolve(str(base)).load(dtype=torch.float32),
+                                       tmp_path / "p").merge_and_unload().eval()
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11]])
+    with torch.no_grad():
+        got, ref = merged(input_ids=ids).logits, expect(input_ids=ids).logits
+    assert (got - ref).abs().max() <= 1e-5
