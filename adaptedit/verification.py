@@ -55,8 +55,10 @@ def _inputs(source: ModelSource):
 
 
 def _forward(model, ids) -> torch.Tensor:
+    # an encoder-decoder (T5 ...) needs decoder inputs: the same ids, so both stacks are compared
+    extra = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
     with torch.no_grad():
-        out = model(input_ids=ids)
+        out = model(input_ids=ids, **extra)
     return (out.logits if getattr(out, "logits", None) is not None else out[0]).float()
 
 
