@@ -165,3 +165,27 @@ def test_import_gpt2_without_fan_in_fan_out_merges_like_peft(tiny_gpt2, tmp_path
     assert code == 0, err
     got = load_file(str(tmp_path / "m" / "model.safetensors"))
     assert max(float((got[k] - expect[k]).abs().max()) for k in got) <= 1e-6
+
+
+def test_import_lora_on_untied_lm_head_merges_like_peft(tiny_llama, tmp_path):
+    """A PEFT LoRA on the output head of an untied model (not an adaptedit target, but a Linear
+    whose weight the checkpoint stores) merges to PEFT's merge_and_unload."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    model = get_peft_model(resolve(str(tiny_llama)).load(dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "p", save_embedding_layers=False)
+    peft = PeftModel.from_pretrained(resolve(str(tiny_llama)).load(dtype=torch.float32),
+                                     tmp_path / "p")
+    expect = peft.merge_and_unload().state_dict()
+    merge([load_adapter(tmp_path / "p")], tmp_path / "m", base=str(tiny_llama))
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert not torch.equal(got["lm_head.weight"], load_file(
+        str(tiny_llama / "model.safetensors"))["lm_head.weight"])
+    assert max(float((got[k] - expect[k]).abs().max()) for k in got) <= 1e-6
