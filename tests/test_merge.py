@@ -391,3 +391,28 @@ def test_encoder_decoder_merge_verified(tmp_path):
     peft = t5_logits(PeftModel.from_pretrained(resolve(str(base)).load(dtype=torch.float32),
                                                tmp_path / "p"))
     assert (merged - ref).abs().max() <= 1e-5 and (peft - ref).abs().max() <= 1e-5
+
+
+def test_base_leftover_keys_do_not_fail_verification(tiny_gpt2, tmp_path):
+    """Old GPT-2 checkpoints (DialoGPT ...) store attn.masked_bias buffers that transformers
+    reports as unexpected for the base itself; the merged folder keeps the base's keys, so
+    verification accepts those (before: every verified merge of such a base failed) and the
+    merged model gives the adapter model's logits."""
+    import transformers as T
+    from safetensors.torch import save_file
+
+    warnings.filterwarnings("ignore")
+    base = tmp_path / "gpt2"
+    shutil.copytree(tiny_gpt2, base)
+    sd = tensors(base)
+    sd.update({f"transformer.h.{i}.attn.masked_bias": torch.tensor(-1e4) for i in range(2)})
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    _, info = T.GPT2LMHeadModel.from_pretrained(base, output_loading_info=True)
+    assert info["unexpected_keys"]  # the base's own leftovers, as transformers sees them
+    ad_dir = make_adapter(base, tmp_path / "ad", method="lora", dora=True)
+    code, out, err = run_cli(["merge", str(ad_dir), "-o", str(tmp_path / "m"), "--json", "-q"])
+    assert code == 0, err
+    assert json.loads(out)["verified"] and set(tensors(tmp_path / "m")) == set(sd)
+    ref = logits(attach(resolve(str(base)).load(dtype=torch.float32), load_adapter(ad_dir)))
+    merged = logits(T.GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval())
+    assert (merged - ref).abs().max() <= 1e-5
