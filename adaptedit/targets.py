@@ -111,14 +111,17 @@ def _renamed_keys(model: nn.Module, keys: set[str]) -> dict[str, str]:
         from transformers.core_model_loading import WeightRenaming, rename_source_key
     except ImportError:
         return {}
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
     out = {}
-    for key in sorted(keys):
-        new, converted = rename_source_key(key, renamings, converters)
-        if converted is None and new != key:
-            out[new] = key
+    try:  # transformers' internals: a model it cannot map keeps the keys as they are
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+        for key in sorted(keys):
+            new, converted = rename_source_key(key, renamings, converters)
+            if converted is None and new != key:
+                out[new] = key
+    except Exception:
+        return {}
     return out
 
 
