@@ -247,3 +247,51 @@ def test_renamed_checkpoint_keys_llava(tmp_path):
     with torch.no_grad():
         got, ref = merged(input_ids=ids).logits, expect(input_ids=ids).logits
     assert (got - ref).abs().max() <= 1e-5
+
+
+def test_peft_revision_of_a_hub_base(tiny_llama, tmp_path):
+    """PEFT records a hub base as base_model_name_or_path + revision and loads the base at that
+    revision; adaptedit reads the pair as ``org/name@rev`` (before: the revision was dropped, so
+    merge without --base used main, another model, silently) and writes it back as the pair."""
+    import json
+    import warnings
+
+    import fixtures
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from adaptedit.formats import load_adapter
+    from adaptedit.peft_io import export_peft
+
+    warnings.filterwarnings("ignore")
+    home = _hub_cache(tmp_path, tiny_llama)  # main: seed 0
+    rev = "fedcba9876543210fedcba9876543210fedcba98"
+    other = fixtures.make_tiny_llama(home / "hub" / "models--acme--tiny-llama" / "snapshots" / rev,
+                                     seed=1)
+    torch.manual_seed(0)
+    model = get_peft_model(resolve(str(other)).load(dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), revision=rev)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "p")
+    cfg_path = tmp_path / "p" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["revision"] == rev
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": "acme/tiny-llama"}))
+    expect = PeftModel.from_pretrained(resolve(str(other)).load(dtype=torch.float32),
+                                       tmp_path / "p").merge_and_unload().state_dict()
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    run = _run_in_env(f"from adaptedit.cli import main; main(['merge', {str(tmp_path / 'p')!r}, "
+                      f"'-o', {str(tmp_path / 'm')!r}, '--no-verify', '-q'])", env)
+    assert run.returncode == 0, run.stderr
+    from safetensors.torch import load_file
+
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert max(float((got[k] - expect[k]).abs().max()) for k in got) <= 1e-6
+
+    ad = load_adapter(tmp_path / "p")
+    assert ad.config.base["ref"] == f"acme/tiny-llama@{rev}"
+    export_peft(ad, tmp_path / "e")
+    out = json.loads((tmp_path / "e" / "adapter_config.json").read_text())
+    assert (out["base_model_name_or_path"], out["revision"]) == ("acme/tiny-llama", rev)
