@@ -276,6 +276,7 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
                 raise AdapteditError(f"{path}: no config.json; expected a model folder "
                                      "(config.json + *.safetensors) or a .gguf file")
             check_remote_code(ref, path, trust_remote_code)
+            check_not_quantized(ref, path)
             src = ModelSource(ref, path.resolve(), "folder", trust_remote_code)
             src.checkpoint  # validate weights now: one-line error for bad files
             return src
@@ -325,6 +326,22 @@ def check_remote_code(ref: str, path: Path, trust_remote_code: bool) -> None:
             "run model code)")
 
 
+def check_not_quantized(ref: str, path: Path) -> None:
+    """Refuse a quantized checkpoint (config.json ``quantization_config``: FP8, GPTQ, AWQ,
+    bitsandbytes ...): its stored tensors are not the weights (scales and packing apart), while
+    adaptedit reads each one as W (transformers dequantizes or wraps them when it loads)."""
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # reported by whoever reads the config
+    q = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if q:
+        method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+        raise AdapteditError(f"{ref}: a quantized checkpoint (config.json quantization_config, "
+                             f"quant_method {method!r}): its stored tensors are not the weights; "
+                             "use the unquantized model")
+
+
 def _bad_hub_name(repo_id: str) -> str | None:
     """What makes ``org/name`` an invalid hub repository id (the hub's naming rules), or None."""
     for part in repo_id.split("/"):
@@ -356,6 +373,7 @@ def _from_hub(ref: str, trust_remote_code: bool) -> ModelSource:
     if not (path / "config.json").exists():
         raise AdapteditError(f"{ref}: the hub repository has no config.json")
     check_remote_code(ref, path, trust_remote_code)
+    check_not_quantized(ref, path)
     src = ModelSource(ref, path, "hub", trust_remote_code)
     src.checkpoint
     return src

@@ -295,3 +295,40 @@ def test_peft_revision_of_a_hub_base(tiny_llama, tmp_path):
     export_peft(ad, tmp_path / "e")
     out = json.loads((tmp_path / "e" / "adapter_config.json").read_text())
     assert (out["base_model_name_or_path"], out["revision"]) == ("acme/tiny-llama", rev)
+
+
+def test_quantized_checkpoint_refused(tiny_llama, tmp_path):
+    """An FP8 checkpoint (quantization_config, weight + weight_scale_inv, as the hub's *-FP8
+    models) stores scaled values, not W: transformers loads it dequantized, while adaptedit read
+    the stored tensors as W (before: init --dora built an adapter whose untrained model was off
+    the base by 0.5 logits; merge crashed). Refused with one line naming quantization_config."""
+    import json
+
+    import transformers as T
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "fp8"
+    shutil.copytree(tiny_llama, base)
+    sd, out = load_file(str(base / "model.safetensors")), {}
+    for k, v in sd.items():
+        if k.endswith("proj.weight"):
+            scale = v.abs().max() / 448.0
+            out[k] = (v / scale).to(torch.float8_e4m3fn)
+            out[k.removesuffix("weight") + "weight_scale_inv"] = torch.full((1, 1), float(scale))
+        else:
+            out[k] = v
+    save_file(out, str(base / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (base / "config.json").write_text(json.dumps(cfg))
+    loaded = T.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    w = loaded.model.layers[0].self_attn.q_proj.weight
+    stored = out["model.layers.0.self_attn.q_proj.weight"].float()
+    assert (w - sd["model.layers.0.self_attn.q_proj.weight"]).abs().max() < 1e-2  # dequantized
+    assert (w - stored).abs().max() > 1.0  # the stored tensor is not W
+    for args in (["init", str(base), "--dora", "-o", str(tmp_path / "ad")],
+                 ["modules", str(base)]):
+        code, _, err = run_cli(args)
+        assert code == 1 and "quantization_config" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "ad").exists()
