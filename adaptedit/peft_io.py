@@ -87,7 +87,10 @@ def export_peft(adapter: Adapter, out: Path, *, force: bool = False,
 def _split_revision(ref: str | None) -> tuple[str | None, str | None]:
     """A hub reference ``org/name@rev`` → (``org/name``, ``rev``), PEFT's two config fields (its
     loaders pass ``revision`` to from_pretrained); a local path is kept whole."""
-    if not ref or "@" not in ref or Path(ref).expanduser().exists():
+    from adaptedit.models import HUB_ID
+
+    if (not ref or "@" not in ref or not HUB_ID.match(ref) or ref.startswith((".", "/", "~"))
+            or Path(ref).expanduser().exists()):
         return ref, None
     name, _, revision = ref.partition("@")
     return name, revision or None
