@@ -379,8 +379,11 @@ def _from_hub(ref: str, trust_remote_code: bool) -> ModelSource:
     return src
 
 
-def compare_checkpoints(base: ModelSource, tuned: ModelSource, command: str) -> None:
-    """Refuse checkpoints of different architectures/shapes, naming the first differing tensor."""
+def compare_checkpoints(base: ModelSource, tuned: ModelSource, command: str) -> dict[str, str]:
+    """Refuse checkpoints of different architectures/shapes, naming the first differing tensor.
+
+    Returns {base key: tuned key}: the same key, or with the model prefix that one of them lacks
+    (the hub's GPT-2 stores ``h.0.*``; a fine-tune saved by transformers ``transformer.h.0.*``)."""
     bc, tc = base.checkpoint, tuned.checkpoint
     b_arch = base.config_json.get("architectures")
     t_arch = tuned.config_json.get("architectures")
@@ -388,13 +391,32 @@ def compare_checkpoints(base: ModelSource, tuned: ModelSource, command: str) -> 
         raise AdapteditError(f"--base {base.ref} is {b_arch[0]} but --tuned {tuned.ref} is "
                              f"{t_arch[0]}; {command} needs two checkpoints of one architecture")
     tkeys = set(tc.keys())
+    kmap = _prefix_map(set(bc.keys()), tkeys)
+    kmap = {k: kmap.get(k, k) for k in bc.keys()}
     for key in sorted(bc.keys()):
-        if key not in tkeys:
+        if kmap[key] not in tkeys:
             raise AdapteditError(f"tensor {key} of --base {base.ref} is missing from --tuned "
                                  f"{tuned.ref}; are they the same architecture?")
-        if bc.shape(key) != tc.shape(key):
+        if bc.shape(key) != tc.shape(kmap[key]):
             raise AdapteditError(f"tensor {key} is {list(bc.shape(key))} in --base but "
-                                 f"{list(tc.shape(key))} in --tuned; are they the same architecture?")
-    extra = sorted(tkeys - set(bc.keys()))
+                                 f"{list(tc.shape(kmap[key]))} in --tuned; are they the same "
+                                 "architecture?")
+    extra = sorted(tkeys - set(kmap.values()))
     if extra:
         raise AdapteditError(f"tensor {extra[0]} of --tuned {tuned.ref} is not in --base {base.ref}")
+    return kmap
+
+
+def _prefix_map(bkeys: set, tkeys: set) -> dict[str, str]:
+    """{base key: tuned key} for the keys that differ only by a prefix ``P.`` on one side (the
+    model's base_model_prefix; transformers loads both ways), else {}."""
+    only_b, only_t = bkeys - tkeys, tkeys - bkeys
+    if not only_b or len(only_b) != len(only_t):
+        return {}
+    for p in {k.split(".", 1)[0] for k in only_t}:
+        if all(f"{p}.{k}" in only_t for k in only_b):
+            return {k: f"{p}.{k}" for k in only_b}
+    for p in {k.split(".", 1)[0] for k in only_b}:
+        if all(k.startswith(p + ".") and k[len(p) + 1:] in only_t for k in only_b):
+            return {k: k[len(p) + 1:] for k in only_b}
+    return {}
