@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -323,14 +323,14 @@ def inspect_checkpoints(base: str | None, tuned: str, *, opts: Options | None = 
     start = time.perf_counter()
     bsrc = resolve(base, trust_remote_code=trust_remote_code)
     tsrc = resolve(tuned, trust_remote_code=trust_remote_code)
-    compare_checkpoints(bsrc, tsrc, "inspect")
+    tkey = compare_checkpoints(bsrc, tsrc, "inspect")  # {base key: tuned key}
     bc, tc = bsrc.checkpoint, tsrc.checkpoint
     targets = select(bsrc.targets, opts.targets)
     task = progress.add_task("Inspecting", total=len(targets)) if progress else None
 
     def one(t: Target) -> tuple[dict, dict, bool]:
         raw, w = _w0(bc, t, bsrc.ref)
-        _, w1 = _w0(tc, t, tsrc.ref)
+        _, w1 = _w0(tc, replace(t, key=tkey[t.key]), tsrc.ref)
         k = _check_k(opts, t, CHECKPOINT_K)
         svd0 = base_svd(raw, t.kind, w, mode=opts.svd, need=max(k, opts.intruder_k),
                         seed=opts.seed, cache=opts.cache)

@@ -74,8 +74,14 @@ def recorded_targets(adapter: Adapter, source) -> dict:
     module names differ from the keys by the model's prefix), the module tree decides.
     """
     ckpt = source.checkpoint
+    # PEFT records no keys, and its fan_in_fan_out flag is only a default it overrides per module
+    # (Linear or Conv1D): the base's targets give the layout of the modules they hold
+    base = {t.name for t in source.targets} if adapter.config.source == "peft" else set()
     found = {}
     for name, info in adapter.config.modules.items():
+        if name in base:
+            found[name] = check_base(adapter, source, names=[name], verify_weights=False)[name]
+            continue
         if info.key not in ckpt:
             return check_base(adapter, source, verify_weights=False)
         stored = tuple(ckpt.shape(info.key))

@@ -286,7 +286,7 @@ def _is_adapter(path: Path) -> bool:
 def load(ref: str, *, base: str | None = None, device: str = "auto", dtype: str = "auto",
          trust_remote_code: bool = False):
     """(model, tokenizer, model ref, adapter path or None) for a model ref or an adapter folder."""
-    from adaptedit.binding import base_for, check_base
+    from adaptedit.binding import base_for, check_weight, recorded_targets
     from adaptedit.formats import load_adapter
     from adaptedit.layer import attach
     from adaptedit.models import resolve
@@ -298,7 +298,9 @@ def load(ref: str, *, base: str | None = None, device: str = "auto", dtype: str 
     if _is_adapter(path):
         adapter = load_adapter(path)
         source = base_for(adapter, base, trust_remote_code=trust_remote_code)
-        check_base(adapter, source)
+        # the binding of merge and inspect (a PEFT LoRA may also adapt an untied output head)
+        for name, t in recorded_targets(adapter, source).items():
+            check_weight(adapter, name, source.checkpoint.get(t.key), source.ref)
         model = attach(source.load(dtype=dt, device=dev), adapter)
         return model.eval(), source.tokenizer(), source.ref, str(path)
     if base is not None:

@@ -71,7 +71,7 @@ def extract(base: ModelSource, tuned: ModelSource, *, rank: int | None = None,
         raise UsageError(f"--rank {rank}: must be a positive integer")
     if energy is not None and not (0.0 < energy <= 1.0):
         raise UsageError(f"--energy {energy:g}: must be in (0, 1]")
-    compare_checkpoints(base, tuned, "extract")
+    tkey = compare_checkpoints(base, tuned, "extract")  # {base key: tuned key}
     bc, tc = base.checkpoint, tuned.checkpoint
     chosen = select(base.targets, targets)
     checks.seed(seed)
@@ -81,7 +81,7 @@ def extract(base: ModelSource, tuned: ModelSource, *, rank: int | None = None,
     for t in chosen:
         wb_raw = bc.get(t.key)
         wb = to_w(wb_raw, t.kind).float()
-        wt = to_w(tc.get(t.key), t.kind).float()
+        wt = to_w(tc.get(tkey[t.key]), t.kind).float()
         d = wt - wb
         del wt
         if not torch.isfinite(d).all():
@@ -97,7 +97,8 @@ def extract(base: ModelSource, tuned: ModelSource, *, rank: int | None = None,
         if progress:
             progress.advance(task)
     target_keys = {t.key for t in chosen}
-    changed = [k for k in bc.keys() if k not in target_keys and not torch.equal(bc.get(k), tc.get(k))]
+    changed = [k for k in bc.keys()
+               if k not in target_keys and not torch.equal(bc.get(k), tc.get(tkey[k]))]
     top = max(i.rank for i in infos.values())  # ≤ --rank: a module's rank is capped by its shape
     config = AdapterConfig(
         method="lora", rank=top, alpha=float(top),

@@ -216,7 +216,8 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
             if fits:
                 keymap = {name: key for key, es in plan.items() for _, name, _ in es}
                 diff, tol = verify(source, tmp, final_dtype,
-                                   lambda model: _reference(model, adapters, weights, opts, keymap))
+                                   lambda model: _reference(model, adapters, weights, opts, keymap),
+                                   changed=set(plan))
                 result.verified, result.max_abs_logit_diff, result.tolerance = True, diff, tol
             else:
                 result.notes.append(f"verification skipped: {why}")

@@ -276,6 +276,7 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
                 raise AdapteditError(f"{path}: no config.json; expected a model folder "
                                      "(config.json + *.safetensors) or a .gguf file")
             check_remote_code(ref, path, trust_remote_code)
+            check_not_quantized(ref, path)
             src = ModelSource(ref, path.resolve(), "folder", trust_remote_code)
             src.checkpoint  # validate weights now: one-line error for bad files
             return src
@@ -325,6 +326,22 @@ def check_remote_code(ref: str, path: Path, trust_remote_code: bool) -> None:
             "run model code)")
 
 
+def check_not_quantized(ref: str, path: Path) -> None:
+    """Refuse a quantized checkpoint (config.json ``quantization_config``: FP8, GPTQ, AWQ,
+    bitsandbytes ...): its stored tensors are not the weights (scales and packing apart), while
+    adaptedit reads each one as W (transformers dequantizes or wraps them when it loads)."""
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # reported by whoever reads the config
+    q = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if q:
+        method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+        raise AdapteditError(f"{ref}: a quantized checkpoint (config.json quantization_config, "
+                             f"quant_method {method!r}): its stored tensors are not the weights; "
+                             "use the unquantized model")
+
+
 def _bad_hub_name(repo_id: str) -> str | None:
     """What makes ``org/name`` an invalid hub repository id (the hub's naming rules), or None."""
     for part in repo_id.split("/"):
@@ -356,13 +373,17 @@ def _from_hub(ref: str, trust_remote_code: bool) -> ModelSource:
     if not (path / "config.json").exists():
         raise AdapteditError(f"{ref}: the hub repository has no config.json")
     check_remote_code(ref, path, trust_remote_code)
+    check_not_quantized(ref, path)
     src = ModelSource(ref, path, "hub", trust_remote_code)
     src.checkpoint
     return src
 
 
-def compare_checkpoints(base: ModelSource, tuned: ModelSource, command: str) -> None:
-    """Refuse checkpoints of different architectures/shapes, naming the first differing tensor."""
+def compare_checkpoints(base: ModelSource, tuned: ModelSource, command: str) -> dict[str, str]:
+    """Refuse checkpoints of different architectures/shapes, naming the first differing tensor.
+
+    Returns {base key: tuned key}: the same key, or with the model prefix that one of them lacks
+    (the hub's GPT-2 stores ``h.0.*``; a fine-tune saved by transformers ``transformer.h.0.*``)."""
     bc, tc = base.checkpoint, tuned.checkpoint
     b_arch = base.config_json.get("architectures")
     t_arch = tuned.config_json.get("architectures")
@@ -370,13 +391,32 @@ def compare_checkpoints(base: ModelSource, tuned: ModelSource, command: str) -> 
         raise AdapteditError(f"--base {base.ref} is {b_arch[0]} but --tuned {tuned.ref} is "
                              f"{t_arch[0]}; {command} needs two checkpoints of one architecture")
     tkeys = set(tc.keys())
+    kmap = _prefix_map(set(bc.keys()), tkeys)
+    kmap = {k: kmap.get(k, k) for k in bc.keys()}
     for key in sorted(bc.keys()):
-        if key not in tkeys:
+        if kmap[key] not in tkeys:
             raise AdapteditError(f"tensor {key} of --base {base.ref} is missing from --tuned "
                                  f"{tuned.ref}; are they the same architecture?")
-        if bc.shape(key) != tc.shape(key):
+        if bc.shape(key) != tc.shape(kmap[key]):
             raise AdapteditError(f"tensor {key} is {list(bc.shape(key))} in --base but "
-                                 f"{list(tc.shape(key))} in --tuned; are they the same architecture?")
-    extra = sorted(tkeys - set(bc.keys()))
+                                 f"{list(tc.shape(kmap[key]))} in --tuned; are they the same "
+                                 "architecture?")
+    extra = sorted(tkeys - set(kmap.values()))
     if extra:
         raise AdapteditError(f"tensor {extra[0]} of --tuned {tuned.ref} is not in --base {base.ref}")
+    return kmap
+
+
+def _prefix_map(bkeys: set, tkeys: set) -> dict[str, str]:
+    """{base key: tuned key} for the keys that differ only by a prefix ``P.`` on one side (the
+    model's base_model_prefix; transformers loads both ways), else {}."""
+    only_b, only_t = bkeys - tkeys, tkeys - bkeys
+    if not only_b or len(only_b) != len(only_t):
+        return {}
+    for p in {k.split(".", 1)[0] for k in only_t}:
+        if all(f"{p}.{k}" in only_t for k in only_b):
+            return {k: f"{p}.{k}" for k in only_b}
+    for p in {k.split(".", 1)[0] for k in only_b}:
+        if all(k.startswith(p + ".") and k[len(p) + 1:] in only_t for k in only_b):
+            return {k: k[len(p) + 1:] for k in only_b}
+    return {}

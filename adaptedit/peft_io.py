@@ -65,9 +65,10 @@ def export_peft(adapter: Adapter, out: Path, *, force: bool = False,
     check_output(out, inputs=[adapter.path], force=force)
     checks.adapter_tensors(adapter)  # the checks of every command that reads an adapter
     flat, fields, summary = adapter.method.peft().export(adapter)
+    name, revision = _split_revision(base_ref or adapter.config.base.get("ref"))
     config = {"peft_type": fields.pop("peft_type"), "task_type": None,
-              "base_model_name_or_path": base_ref or adapter.config.base.get("ref"),
-              **fields, "modules_to_save": None, "inference_mode": True, "revision": None}
+              "base_model_name_or_path": name,
+              **fields, "modules_to_save": None, "inference_mode": True, "revision": revision}
 
     def write(tmp: Path):
         # provenance in the tensors file: an unknown key in adapter_config.json makes PEFT warn
@@ -81,6 +82,18 @@ def export_peft(adapter: Adapter, out: Path, *, force: bool = False,
     return {"out": str(out), "modules": len(adapter.config.modules),
             "method": adapter.config.method, "dora": adapter.config.dora, **summary,
             "base_model_name_or_path": config["base_model_name_or_path"]}
+
+
+def _split_revision(ref: str | None) -> tuple[str | None, str | None]:
+    """A hub reference ``org/name@rev`` → (``org/name``, ``rev``), PEFT's two config fields (its
+    loaders pass ``revision`` to from_pretrained); a local path is kept whole."""
+    from adaptedit.models import HUB_ID
+
+    if (not ref or "@" not in ref or not HUB_ID.match(ref) or ref.startswith((".", "/", "~"))
+            or Path(ref).expanduser().exists()):
+        return ref, None
+    name, _, revision = ref.partition("@")
+    return name, revision or None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +148,10 @@ class PeftFolder:
             raise AdapteditError(f"{self.cfg_path}: modules_to_save {cfg['modules_to_save']} (full "
                                  "copies of modules) is not supported; only adapter weights are")
         self.base_ref = cfg.get("base_model_name_or_path") or ""
+        revision = cfg.get("revision")  # PEFT loads the base at this revision
+        if (revision and isinstance(revision, str) and self.base_ref and "@" not in self.base_ref
+                and not Path(self.base_ref).expanduser().exists()):
+            self.base_ref = f"{self.base_ref}@{revision}"
         self._targets = None
 
     def refuse(self, key: str, why: str):
@@ -202,6 +219,10 @@ def _import_lora(src: PeftFolder) -> Adapter:
     cfg, cfg_path, wpath, flat = src.cfg, src.cfg_path, src.wpath, src.flat
     if cfg.get("lora_bias"):
         raise AdapteditError(f"{cfg_path}: lora_bias=true is not supported")
+    if cfg.get("alora_invocation_tokens"):
+        src.refuse("alora_invocation_tokens", "an activated LoRA (aLoRA) changes only the tokens "
+                   "from its invocation sequence on, so it has no weight update to merge (PEFT "
+                   "refuses to merge it too) and read as plain LoRA it would change every token")
     init_value = cfg.get("init_lora_weights")
     if peft_init_rewrites_base(init_value):
         raise AdapteditError(

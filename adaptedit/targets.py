@@ -73,6 +73,7 @@ def adaptable(model: nn.Module, checkpoint_keys=None) -> list[Target]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     keys = set(checkpoint_keys) if checkpoint_keys is not None else None
     prefix = getattr(model, "base_model_prefix", "") or ""
+    renamed = None  # {model key: checkpoint key} of transformers' load-time renames, when needed
     found = []
     for name, module in model.named_modules():
         kind = layer_kind(module)
@@ -82,7 +83,9 @@ def adaptable(model: nn.Module, checkpoint_keys=None) -> list[Target]:
         out_f, in_f = (w.shape[1], w.shape[0]) if kind == "conv1d" else (w.shape[0], w.shape[1])
         key = name + ".weight"
         if keys is not None and key not in keys:
-            key = _checkpoint_key(key, keys, prefix)
+            if renamed is None:
+                renamed = _renamed_keys(model, keys)
+            key = _checkpoint_key(key, keys, prefix) or renamed.get(key)
             if key is None:
                 continue  # e.g. a weight the checkpoint does not store
         found.append(Target(name, kind, int(out_f), int(in_f), key, module.bias is not None))
@@ -95,6 +98,31 @@ def _checkpoint_key(key: str, keys: set[str], prefix: str) -> str | None:
     if prefix and f"{prefix}.{key}" in keys:
         return f"{prefix}.{key}"
     return None
+
+
+def _renamed_keys(model: nn.Module, keys: set[str]) -> dict[str, str]:
+    """{model key: checkpoint key} for the keys transformers renames when it loads this model
+    (its checkpoint conversion mapping: e.g. Llava, Gemma 3 and PaliGemma checkpoints store
+    ``language_model.model.layers.*`` for the module ``model.language_model.layers.*``, and
+    transformers saves them that way). Keys a converter fuses or splits have no one-to-one
+    checkpoint key and are left out; {} with a transformers that has no such mapping."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:
+        return {}
+    out = {}
+    try:  # transformers' internals: a model it cannot map keeps the keys as they are
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+        for key in sorted(keys):
+            new, converted = rename_source_key(key, renamings, converters)
+            if converted is None and new != key:
+                out[new] = key
+    except Exception:
+        return {}
+    return out
 
 
 def select(candidates: list[Target], spec: str | None) -> list[Target]:

@@ -55,18 +55,23 @@ def _inputs(source: ModelSource):
 
 
 def _forward(model, ids) -> torch.Tensor:
+    # an encoder-decoder (T5 ...) needs decoder inputs: the same ids, so both stacks are compared
+    extra = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
     with torch.no_grad():
-        out = model(input_ids=ids)
+        out = model(input_ids=ids, **extra)
     return (out.logits if getattr(out, "logits", None) is not None else out[0]).float()
 
 
-def verify(source: ModelSource, merged_dir: Path, dtype: torch.dtype, prepare_reference
-           ) -> tuple[float, float]:
+def verify(source: ModelSource, merged_dir: Path, dtype: torch.dtype, prepare_reference, *,
+           changed=frozenset()) -> tuple[float, float]:
     """Run fixed prompts through the reference model and through the merged folder; returns
     (max |Δlogit|, tolerance) or refuses with one line.
 
     The reference is the base loaded in ``dtype`` and handed to ``prepare_reference(model)``, which
     adapts it in memory (merge: the adapter attached, or the combined ΔW added to the weights).
+    ``changed``: the checkpoint keys the merge rewrote. The folder holds the base's keys, so an
+    unexpected key outside them is the base's own (e.g. old GPT-2 checkpoints' attn.masked_bias,
+    which transformers drops from the base too); a rewritten one would lose its update.
     """
     from adaptedit.models import quiet_transformers
 
@@ -83,6 +88,7 @@ def verify(source: ModelSource, merged_dir: Path, dtype: torch.dtype, prepare_re
     except Exception as e:
         raise AdapteditError(f"verification: transformers cannot load the merged model "
                              f"({str(e).splitlines()[0][:200]})") from None
+    info["unexpected_keys"] = [k for k in info.get("unexpected_keys") or () if k in changed]
     bad = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     if bad:
         raise AdapteditError(f"verification: the merged model loads with {bad[0].replace('_', ' ')}: "

@@ -164,3 +164,36 @@ def resolve_ref(d):
 ])
 def test_docs_eval_examples(reference, generation, flexible, strict):
     assert score(generation, extract_answer(reference)) == (flexible, strict)
+
+
+def test_peft_lora_on_untied_head_evaluates_like_peft_merge(tmp_path):
+    """eval binds an adapter as merge and inspect do: a PEFT LoRA on the output head of an untied
+    model (before: refused, 'module lm_head does not exist') gives the loss of PEFT's own merged
+    model."""
+    import warnings
+
+    import fixtures
+    from helpers import chat_rows
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    base = fixtures.make_tiny_llama(tmp_path / "base")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(6)))
+    torch.manual_seed(0)
+    model = get_peft_model(resolve(str(base)).load(dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "p", save_embedding_layers=False)
+    merged = PeftModel.from_pretrained(resolve(str(base)).load(dtype=torch.float32),
+                                       tmp_path / "p").merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    resolve(str(base)).tokenizer().save_pretrained(tmp_path / "merged")
+    opts = EvalOptions(generate=False, device="cpu", dtype="fp32")
+    got = evaluate(str(tmp_path / "p"), data, opts)
+    ref = evaluate(str(tmp_path / "merged"), data, opts)
+    base_loss = evaluate(str(base), data, opts)["loss"]
+    assert abs(got["loss"] - ref["loss"]) <= 1e-5 and abs(got["loss"] - base_loss) > 1e-3

@@ -102,3 +102,90 @@ def test_export_usage(tiny_llama, tmp_path):
     assert code == 1 and "--force" in err
     code, out, err = run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p"), "--force", "--json"])
     assert code == 0 and json.loads(out)["modules"] == 14
+
+
+def test_import_refuses_activated_lora(tiny_llama, tmp_path):
+    """A PEFT aLoRA (``alora_invocation_tokens``) changes only the tokens from its invocation on:
+    PEFT's logits differ from the same factors read as plain LoRA, and PEFT cannot merge it, so
+    adaptedit refuses it instead of merging it into every token."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[20, 33])
+    model = get_peft_model(resolve(str(tiny_llama)).load(dtype=torch.float32), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "alora")
+    alora = logits(PeftModel.from_pretrained(resolve(str(tiny_llama)).load(dtype=torch.float32),
+                                             tmp_path / "alora").eval())
+    cfg_path = tmp_path / "alora" / "adapter_config.json"
+    raw = json.loads(cfg_path.read_text())
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    (plain_dir / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "alora" / "adapter_model.safetensors").read_bytes())
+    (plain_dir / "adapter_config.json").write_text(json.dumps({**raw,
+                                                               "alora_invocation_tokens": None}))
+    plain = logits(attach(resolve(str(tiny_llama)).load(dtype=torch.float32),
+                          load_adapter(plain_dir)))
+    assert (plain - peft_logits(tiny_llama, plain_dir)).abs().max() <= 1e-5
+    assert (plain - alora).abs().max() > 1e-2  # reading it as plain LoRA would be wrong
+    code, _, err = run_cli(["merge", str(tmp_path / "alora"), "--base", str(tiny_llama), "-o",
+                            str(tmp_path / "m"), "-q"])
+    assert code == 1 and "alora_invocation_tokens" in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_import_gpt2_without_fan_in_fan_out_merges_like_peft(tiny_gpt2, tmp_path):
+    """PEFT decides Linear vs Conv1D per module (a false ``fan_in_fan_out`` is overridden, with a
+    warning, on GPT-2's Conv1D; the saved flag is whatever the last wrapped module set), so the
+    base's module type, not the flag, gives the layout: on the square attn.c_proj a transposed ΔW
+    has the right shape and was merged silently with --no-verify."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    model = get_peft_model(resolve(str(tiny_gpt2)).load(dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["attn.c_proj"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "p")
+    cfg_path = tmp_path / "p" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "fan_in_fan_out": False}))
+    peft = PeftModel.from_pretrained(resolve(str(tiny_gpt2)).load(dtype=torch.float32),
+                                     tmp_path / "p")
+    expect = peft.merge_and_unload().state_dict()
+    code, _, err = run_cli(["merge", str(tmp_path / "p"), "--base", str(tiny_gpt2), "-o",
+                            str(tmp_path / "m"), "--no-verify", "-q"])
+    assert code == 0, err
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert max(float((got[k] - expect[k]).abs().max()) for k in got) <= 1e-6
+
+
+def test_import_lora_on_untied_lm_head_merges_like_peft(tiny_llama, tmp_path):
+    """A PEFT LoRA on the output head of an untied model (not an adaptedit target, but a Linear
+    whose weight the checkpoint stores) merges to PEFT's merge_and_unload."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    model = get_peft_model(resolve(str(tiny_llama)).load(dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "p", save_embedding_layers=False)
+    peft = PeftModel.from_pretrained(resolve(str(tiny_llama)).load(dtype=torch.float32),
+                                     tmp_path / "p")
+    expect = peft.merge_and_unload().state_dict()
+    merge([load_adapter(tmp_path / "p")], tmp_path / "m", base=str(tiny_llama))
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert not torch.equal(got["lm_head.weight"], load_file(
+        str(tiny_llama / "model.safetensors"))["lm_head.weight"])
+    assert max(float((got[k] - expect[k]).abs().max()) for k in got) <= 1e-6

@@ -93,3 +93,43 @@ def test_identical_checkpoints_give_zero_update(tiny_llama, tmp_path, rank):
                               "--rank", str(rank), "-o", str(tmp_path / "z"), "--json"])
     assert code == 0, err
     assert all(m["rel_error"] == 0.0 for m in json.loads(out)["modules"])
+
+
+def test_hub_style_gpt2_base_and_transformers_saved_tune(tiny_gpt2, tmp_path):
+    """The hub's GPT-2 stores its keys without ``transformer.`` (h.0.*), a fine-tune saved by
+    transformers with it; transformers loads both, and extract / inspect --tuned now pair the
+    tensors (before: refused, 'tensor h.0.attn.c_attn.bias ... is missing from --tuned'). The
+    rank-2 update is recovered exactly: PEFT's model of the exported adapter gives the tuned
+    model's logits."""
+    import warnings
+
+    import transformers as T
+    from peft import PeftModel
+
+    warnings.filterwarnings("ignore")
+    base = tmp_path / "gpt2"
+    shutil.copytree(tiny_gpt2, base)
+    sd = load_file(str(base / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in sd.items()},
+              str(base / "model.safetensors"), metadata={"format": "pt"})
+    tuned = T.GPT2LMHeadModel.from_pretrained(base).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in tuned.transformer.h:
+            w = block.attn.c_attn.weight  # Conv1D: in × out
+            w.add_(0.05 * torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1],
+                                                                                generator=g))
+    tuned.save_pretrained(tmp_path / "tuned")
+    code, _, err = run_cli(["extract", "--base", str(base), "--tuned", str(tmp_path / "tuned"),
+                            "-r", "2", "-o", str(tmp_path / "ex"), "-q"])
+    assert code == 0, err
+    code, _, err = run_cli(["export", str(tmp_path / "ex"), "-o", str(tmp_path / "p"), "-q"])
+    assert code == 0, err
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11]])
+    peft = PeftModel.from_pretrained(T.GPT2LMHeadModel.from_pretrained(base), tmp_path / "p")
+    with torch.no_grad():
+        got, ref = peft.eval()(input_ids=ids).logits, tuned(input_ids=ids).logits
+    assert (got - ref).abs().max() <= 1e-4
+    code, _, err = run_cli(["inspect", "--base", str(base), "--tuned", str(tmp_path / "tuned"),
+                            "--json", "-q"])
+    assert code == 0, err

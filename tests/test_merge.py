@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WITH_DORA, load_merged, logits, make_adapter, run_cli, tensors
+from helpers import IDS, WITH_DORA, load_merged, logits, make_adapter, run_cli, tensors
 
 import fixtures
 from adaptedit.formats import load_adapter
@@ -358,3 +358,61 @@ def test_cli_subprocess_help_and_merge(tiny_llama, tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["tensors_merged"] == 14 and not summary["verified"]
+
+
+def test_encoder_decoder_merge_verified(tmp_path):
+    """An encoder-decoder (T5) is verified with decoder inputs too (before: every merge of one
+    failed in verification with transformers' 'specify exactly one of input_ids or
+    inputs_embeds'); the merged folder gives the logits of the adapter model and of its PEFT
+    export."""
+    import fixtures
+    import transformers as T
+    from peft import PeftModel
+
+    warnings.filterwarnings("ignore")
+    tok = fixtures.make_tokenizer()
+    torch.manual_seed(0)
+    cfg = T.T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                     decoder_start_token_id=0)
+    base = fixtures._save(T.T5ForConditionalGeneration(cfg).eval(), tok, tmp_path / "t5")
+    ad_dir = make_adapter(base, tmp_path / "ad", method="pissa", dora=True)
+    code, out, err = run_cli(["merge", str(ad_dir), "-o", str(tmp_path / "m"), "--json", "-q"])
+    assert code == 0, err
+    assert json.loads(out)["verified"]
+    code, _, err = run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p"), "-q"])
+    assert code == 0, err
+
+    def t5_logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=IDS, decoder_input_ids=IDS).logits
+
+    ref = t5_logits(attach(resolve(str(base)).load(dtype=torch.float32), load_adapter(ad_dir)))
+    merged = t5_logits(T.T5ForConditionalGeneration.from_pretrained(tmp_path / "m"))
+    peft = t5_logits(PeftModel.from_pretrained(resolve(str(base)).load(dtype=torch.float32),
+                                               tmp_path / "p"))
+    assert (merged - ref).abs().max() <= 1e-5 and (peft - ref).abs().max() <= 1e-5
+
+
+def test_base_leftover_keys_do_not_fail_verification(tiny_gpt2, tmp_path):
+    """Old GPT-2 checkpoints (DialoGPT ...) store attn.masked_bias buffers that transformers
+    reports as unexpected for the base itself; the merged folder keeps the base's keys, so
+    verification accepts those (before: every verified merge of such a base failed) and the
+    merged model gives the adapter model's logits."""
+    import transformers as T
+    from safetensors.torch import save_file
+
+    warnings.filterwarnings("ignore")
+    base = tmp_path / "gpt2"
+    shutil.copytree(tiny_gpt2, base)
+    sd = tensors(base)
+    sd.update({f"transformer.h.{i}.attn.masked_bias": torch.tensor(-1e4) for i in range(2)})
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    _, info = T.GPT2LMHeadModel.from_pretrained(base, output_loading_info=True)
+    assert info["unexpected_keys"]  # the base's own leftovers, as transformers sees them
+    ad_dir = make_adapter(base, tmp_path / "ad", method="lora", dora=True)
+    code, out, err = run_cli(["merge", str(ad_dir), "-o", str(tmp_path / "m"), "--json", "-q"])
+    assert code == 0, err
+    assert json.loads(out)["verified"] and set(tensors(tmp_path / "m")) == set(sd)
+    ref = logits(attach(resolve(str(base)).load(dtype=torch.float32), load_adapter(ad_dir)))
+    merged = logits(T.GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval())
+    assert (merged - ref).abs().max() <= 1e-5

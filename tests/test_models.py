@@ -196,3 +196,139 @@ def test_real_minilm_bert_folder():
     with torch.no_grad():
         h = model(**tok(["a sentence"], return_tensors="pt")).last_hidden_state
     assert h.shape[-1] == 384 and torch.isfinite(h).all()
+
+
+def test_renamed_checkpoint_keys_llava(tmp_path):
+    """transformers saves a Llava (as Gemma 3, PaliGemma ...) with the keys of its checkpoint
+    format (``language_model.model.layers.*``), and renames them on load (to
+    ``model.language_model.layers.*``): every Linear of the loaded model but the head is a
+    target, with its checkpoint key, and a PEFT LoRA of the language model merges to PEFT's
+    merge_and_unload (before: the 14 language-model modules were silently left out of
+    all-linear, and the PEFT adapter refused)."""
+    import warnings
+
+    import fixtures
+    import transformers as T
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from adaptedit.formats import load_adapter
+    from adaptedit.merge import merge
+
+    warnings.filterwarnings("ignore")
+    tok = fixtures.make_tokenizer()
+    cfg = T.LlavaConfig(
+        vision_config=T.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=T.LlamaConfig(vocab_size=len(tok) + 1, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2),
+        image_token_index=len(tok))
+    torch.manual_seed(0)
+    base = fixtures._save(T.LlavaForConditionalGeneration(cfg).eval(), tok, tmp_path / "llava")
+    source = resolve(str(base))
+    model = source.load(dtype=torch.float32)
+    head = model.get_output_embeddings()
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert [t.name for t in source.targets] == linear and len(linear) == 22
+    assert all(t.key in source.checkpoint for t in source.targets)
+
+    torch.manual_seed(1)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    peft.save_pretrained(tmp_path / "p")
+    merge([load_adapter(tmp_path / "p")], tmp_path / "m", base=str(base))
+    merged = T.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    expect = PeftModel.from_pretrained(resolve(str(base)).load(dtype=torch.float32),
+                                       tmp_path / "p").merge_and_unload().eval()
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11]])
+    with torch.no_grad():
+        got, ref = merged(input_ids=ids).logits, expect(input_ids=ids).logits
+    assert (got - ref).abs().max() <= 1e-5
+
+
+def test_peft_revision_of_a_hub_base(tiny_llama, tmp_path):
+    """PEFT records a hub base as base_model_name_or_path + revision and loads the base at that
+    revision; adaptedit reads the pair as ``org/name@rev`` (before: the revision was dropped, so
+    merge without --base used main, another model, silently) and writes it back as the pair."""
+    import json
+    import warnings
+
+    import fixtures
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from adaptedit.formats import load_adapter
+    from adaptedit.peft_io import export_peft
+
+    warnings.filterwarnings("ignore")
+    home = _hub_cache(tmp_path, tiny_llama)  # main: seed 0
+    rev = "fedcba9876543210fedcba9876543210fedcba98"
+    other = fixtures.make_tiny_llama(home / "hub" / "models--acme--tiny-llama" / "snapshots" / rev,
+                                     seed=1)
+    torch.manual_seed(0)
+    model = get_peft_model(resolve(str(other)).load(dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), revision=rev)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "p")
+    cfg_path = tmp_path / "p" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["revision"] == rev
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": "acme/tiny-llama"}))
+    expect = PeftModel.from_pretrained(resolve(str(other)).load(dtype=torch.float32),
+                                       tmp_path / "p").merge_and_unload().state_dict()
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    run = _run_in_env(f"from adaptedit.cli import main; main(['merge', {str(tmp_path / 'p')!r}, "
+                      f"'-o', {str(tmp_path / 'm')!r}, '--no-verify', '-q'])", env)
+    assert run.returncode == 0, run.stderr
+    from safetensors.torch import load_file
+
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert max(float((got[k] - expect[k]).abs().max()) for k in got) <= 1e-6
+
+    ad = load_adapter(tmp_path / "p")
+    assert ad.config.base["ref"] == f"acme/tiny-llama@{rev}"
+    export_peft(ad, tmp_path / "e")
+    out = json.loads((tmp_path / "e" / "adapter_config.json").read_text())
+    assert (out["base_model_name_or_path"], out["revision"]) == ("acme/tiny-llama", rev)
+
+
+def test_quantized_checkpoint_refused(tiny_llama, tmp_path):
+    """An FP8 checkpoint (quantization_config, weight + weight_scale_inv, as the hub's *-FP8
+    models) stores scaled values, not W: transformers loads it dequantized, while adaptedit read
+    the stored tensors as W (before: init --dora built an adapter whose untrained model was off
+    the base by 0.5 logits; merge crashed). Refused with one line naming quantization_config."""
+    import json
+
+    import transformers as T
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "fp8"
+    shutil.copytree(tiny_llama, base)
+    sd, out = load_file(str(base / "model.safetensors")), {}
+    for k, v in sd.items():
+        if k.endswith("proj.weight"):
+            scale = v.abs().max() / 448.0
+            out[k] = (v / scale).to(torch.float8_e4m3fn)
+            out[k.removesuffix("weight") + "weight_scale_inv"] = torch.full((1, 1), float(scale))
+        else:
+            out[k] = v
+    save_file(out, str(base / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (base / "config.json").write_text(json.dumps(cfg))
+    loaded = T.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    w = loaded.model.layers[0].self_attn.q_proj.weight
+    stored = out["model.layers.0.self_attn.q_proj.weight"].float()
+    assert (w - sd["model.layers.0.self_attn.q_proj.weight"]).abs().max() < 1e-2  # dequantized
+    assert (w - stored).abs().max() > 1.0  # the stored tensor is not W
+    for args in (["init", str(base), "--dora", "-o", str(tmp_path / "ad")],
+                 ["modules", str(base)]):
+        code, _, err = run_cli(args)
+        assert code == 1 and "quantization_config" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "ad").exists()
