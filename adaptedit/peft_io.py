@@ -68,7 +68,8 @@ def export_peft(adapter: Adapter, out: Path, *, force: bool = False,
     name, revision = _split_revision(base_ref or adapter.config.base.get("ref"))
     config = {"peft_type": fields.pop("peft_type"), "task_type": None,
               "base_model_name_or_path": name,
-              **fields, "modules_to_save": None, "inference_mode": True, "revision": revision}
+              **fields, "modules_to_save": None, "inference_mode": True, "revision": revision,
+              "auto_mapping": _auto_mapping(adapter)}
 
     def write(tmp: Path):
         # provenance in the tensors file: an unknown key in adapter_config.json makes PEFT warn
@@ -94,6 +95,21 @@ def _split_revision(ref: str | None) -> tuple[str | None, str | None]:
         return ref, None
     name, _, revision = ref.partition("@")
     return name, revision or None
+
+
+def _auto_mapping(adapter: Adapter) -> dict | None:
+    """What PEFT records without a task type so that ``AutoPeftModel*.from_pretrained(folder)`` can
+    build the base: its transformers class, from the base's config.json (None for remote code or
+    when the folder is not at hand; PeftModel.from_pretrained does not need it)."""
+    path = adapter.config.base.get("path")
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text()) if path else {}
+    except (OSError, ValueError):
+        return None
+    arch = (cfg.get("architectures") or [None])[0] if isinstance(cfg, dict) else None
+    if not isinstance(arch, str) or not arch.isidentifier() or cfg.get("auto_map"):
+        return None
+    return {"base_model_class": arch, "parent_library": "transformers"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -189,3 +189,21 @@ def test_import_lora_on_untied_lm_head_merges_like_peft(tiny_llama, tmp_path):
     assert not torch.equal(got["lm_head.weight"], load_file(
         str(tiny_llama / "model.safetensors"))["lm_head.weight"])
     assert max(float((got[k] - expect[k]).abs().max()) for k in got) <= 1e-6
+
+
+def test_export_loads_with_auto_peft_model(tiny_llama, tmp_path):
+    """AutoPeftModel builds the base from the exported config alone (auto_mapping, as PEFT writes
+    without a task type) and gives the adapter's logits."""
+    from peft import AutoPeftModel, AutoPeftModelForCausalLM
+
+    ad_dir = make_adapter(tiny_llama, tmp_path / "ad", method="pissa", dora=True)
+    code, _, err = run_cli(["export", str(ad_dir), "-o", str(tmp_path / "p"), "-q"])
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    arch = json.loads((tiny_llama / "config.json").read_text())["architectures"][0]
+    assert cfg["auto_mapping"] == {"base_model_class": arch, "parent_library": "transformers"}
+    ref = logits(attach(resolve(str(tiny_llama)).load(dtype=torch.float32), load_adapter(ad_dir)))
+    warnings.filterwarnings("ignore")
+    for auto in (AutoPeftModel, AutoPeftModelForCausalLM):
+        model = auto.from_pretrained(str(tmp_path / "p"), dtype=torch.float32)
+        assert (logits(model.eval()) - ref).abs().max() <= 1e-5, auto.__name__
