@@ -29,6 +29,7 @@ BATCH_BYTES = 256 << 20  # float32 weights decomposed together at most
 # guard off: the fixed sketch, nothing measured (the work PEFT's pissa_niter_K does).
 ENERGY_FLOOR = 0.96
 REFINE_NITER = (8, 16, 32)
+DELORA_LAMBDA = 15.0  # --delora-lambda's default
 
 
 @dataclass
@@ -45,7 +46,7 @@ class InitOptions:
     oversample: int = 8
     seed: int = 0
     device: str = "auto"
-    delora_lambda: float = 15.0
+    delora_lambda: float = DELORA_LAMBDA  # another value is refused for the other methods
     options: dict = field(default_factory=dict)  # the method's own options given (OPTIONS keys)
     energy_floor: float = ENERGY_FLOOR  # randomized SVD: least captured energy per module; 0: off
 
@@ -60,7 +61,8 @@ def plan_options(source: ModelSource, opts: InitOptions) -> tuple[list[Target], 
     """As :func:`plan`, and the method's own options resolved against the targets."""
     method = methods.get(opts.method)  # validates the name before the model is read
     check_rank_applies(opts)
-    for key in opts.options:
+    given = [*opts.options, *(["delora_lambda"] if opts.delora_lambda != DELORA_LAMBDA else [])]
+    for key in given:
         if key not in method.OPTIONS:
             owners = [n for n, m in methods.METHODS.items() if key in m.OPTIONS]
             flag = "--" + key.replace("_", "-")

@@ -242,6 +242,7 @@ def test_cli_init_file_modes_follow_the_umask(tiny_llama, tmp_path):
     (["--alpha", "-1"], "--alpha", 2),
     (["--alpha", "nan"], "--alpha", 2),
     (["-m", "delora", "--delora-lambda", "0"], "--delora-lambda", 2),
+    (["--dora", "--delora-lambda", "5"], "--delora-lambda applies to delora, not lora", 2),
     (["--rank-pattern", "mlp"], "is not NAME=NUMBER", 2),
     (["--rank-pattern", "mlp=2,mlp=3"], "given twice", 2),
     (["--rank-pattern", "re:[=2"], "not a valid regular expression", 2),
