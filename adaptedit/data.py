@@ -253,8 +253,10 @@ class TokenizedData:
 
 
 def load(path: Path, tokenizer, *, max_length: int, mask_prompt: bool = True,
-         skip_bad_rows: bool = False, limit: int | None = None) -> TokenizedData:
-    """Read, check and tokenize a data file (streamed), applying truncation and masking."""
+         skip_bad_rows: bool = False, limit: int | None = None,
+         skip_hint: bool = False) -> TokenizedData:
+    """Read, check and tokenize a data file (streamed), applying truncation and masking.
+    ``skip_hint``: a bad row's error names --skip-bad-rows (for the commands that have it)."""
     path = Path(path)
     tok = Tokenize(tokenizer, mask_prompt=mask_prompt, max_length=max_length)
     st = Stats()
@@ -273,8 +275,8 @@ def load(path: Path, tokenizer, *, max_length: int, mask_prompt: bool = True,
             ids, trained = tok(f, row)
         except BadRow as e:
             if not skip_bad_rows:
-                raise AdapteditError(f"{path}:{line}: {e} (--skip-bad-rows skips such rows)"
-                                     ) from None
+                hint = " (--skip-bad-rows skips such rows)" if skip_hint else ""
+                raise AdapteditError(f"{path}:{line}: {e}{hint}") from None
             st.bad_rows += 1
             st.first_bad = st.first_bad or f"{path}:{line}: {e}"
             continue

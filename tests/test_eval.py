@@ -142,6 +142,7 @@ def test_cli_json_answers_retain_and_errors(trained, tmp_path):
     bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{oops\n")
     code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(bad)])
     assert code == 1 and f"{bad}:2" in err and len(err.strip().splitlines()) == 1
+    assert "--skip-bad-rows" not in err  # a flag of train's: eval has none to offer
     code, _, err = run_cli(["eval", str(d / "ad"), "--data", str(tmp_path / "none.jsonl")])
     assert code == 1 and "none.jsonl" in err and "no such file" in err
     code, _, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--limit", "0"])
