@@ -254,15 +254,19 @@ class TokenizedData:
 
 def load(path: Path, tokenizer, *, max_length: int, mask_prompt: bool = True,
          skip_bad_rows: bool = False, limit: int | None = None,
-         skip_hint: bool = False) -> TokenizedData:
+         skip_hint: bool = False, max_rows: int | None = None) -> TokenizedData:
     """Read, check and tokenize a data file (streamed), applying truncation and masking.
-    ``skip_hint``: a bad row's error names --skip-bad-rows (for the commands that have it)."""
+    ``limit``: stop after this many examples; ``max_rows``: read only the first rows of the file
+    (eval --limit: the rows it generates for). ``skip_hint``: a bad row's error names
+    --skip-bad-rows (for the commands that have it)."""
     path = Path(path)
     tok = Tokenize(tokenizer, mask_prompt=mask_prompt, max_length=max_length)
     st = Stats()
     ids_parts, tr_parts, lens = [], [], []
     fmt = None
     for line, row in read_rows(path):
+        if max_rows is not None and st.rows >= max_rows:
+            break
         st.rows += 1
         try:
             if isinstance(row, BadRow):
