@@ -229,6 +229,9 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
 
     opts = opts or Options()
     opts.validate()
+    if trajectory and len(folders) > 1:
+        raise UsageError("--trajectory follows the checkpoints of one adapter; give one ADAPTER_DIR "
+                         "(several adapters without --trajectory compare their final (ΔD, ΔM))")
     start = time.perf_counter()
     main = load_adapter(folders[0])
     checks.adapter_tensors(main)

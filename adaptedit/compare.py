@@ -221,6 +221,9 @@ def validate(opts: CompareOptions) -> None:
                          "use --jobs 1 on CPU")
     if opts.max_new_tokens < 1 or (opts.test_limit is not None and opts.test_limit < 1):
         raise UsageError("--max-new-tokens and --test-limit must be ≥ 1")
+    if opts.test_limit is not None and opts.test_data is None:
+        raise UsageError("--test-limit applies to --test-data, which is not given; add --test-data "
+                         "FILE or drop --test-limit")
     parse_method_options(opts.method_options, specs)
 
 

@@ -253,14 +253,20 @@ class TokenizedData:
 
 
 def load(path: Path, tokenizer, *, max_length: int, mask_prompt: bool = True,
-         skip_bad_rows: bool = False, limit: int | None = None) -> TokenizedData:
-    """Read, check and tokenize a data file (streamed), applying truncation and masking."""
+         skip_bad_rows: bool = False, limit: int | None = None,
+         skip_hint: bool = False, max_rows: int | None = None) -> TokenizedData:
+    """Read, check and tokenize a data file (streamed), applying truncation and masking.
+    ``limit``: stop after this many examples; ``max_rows``: read only the first rows of the file
+    (eval --limit: the rows it generates for). ``skip_hint``: a bad row's error names
+    --skip-bad-rows (for the commands that have it)."""
     path = Path(path)
     tok = Tokenize(tokenizer, mask_prompt=mask_prompt, max_length=max_length)
     st = Stats()
     ids_parts, tr_parts, lens = [], [], []
     fmt = None
     for line, row in read_rows(path):
+        if max_rows is not None and st.rows >= max_rows:
+            break
         st.rows += 1
         try:
             if isinstance(row, BadRow):
@@ -273,8 +279,8 @@ def load(path: Path, tokenizer, *, max_length: int, mask_prompt: bool = True,
             ids, trained = tok(f, row)
         except BadRow as e:
             if not skip_bad_rows:
-                raise AdapteditError(f"{path}:{line}: {e} (--skip-bad-rows skips such rows)"
-                                     ) from None
+                hint = " (--skip-bad-rows skips such rows)" if skip_hint else ""
+                raise AdapteditError(f"{path}:{line}: {e}{hint}") from None
             st.bad_rows += 1
             st.first_bad = st.first_bad or f"{path}:{line}: {e}"
             continue

@@ -235,7 +235,8 @@ def evaluate_model(model, tokenizer, data: Path, opts: EvalOptions, *, progress=
     data = Path(data)
     device = _device_of(model)
     dtype = next(model.parameters()).dtype
-    tokenized = load_data(data, tokenizer, max_length=_max_length(opts), limit=opts.limit)
+    # --limit: the first rows, the same ones generation scores (not the first trainable examples)
+    tokenized = load_data(data, tokenizer, max_length=_max_length(opts), max_rows=opts.limit)
     tell = progress or (lambda *a: None)
     tell("loss", 0, len(tokenized))
     s, n = loss_totals(model, tokenized, opts.batch_size, device, dtype)

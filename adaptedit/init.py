@@ -29,6 +29,7 @@ BATCH_BYTES = 256 << 20  # float32 weights decomposed together at most
 # guard off: the fixed sketch, nothing measured (the work PEFT's pissa_niter_K does).
 ENERGY_FLOOR = 0.96
 REFINE_NITER = (8, 16, 32)
+DELORA_LAMBDA = 15.0  # --delora-lambda's default
 
 
 @dataclass
@@ -45,7 +46,7 @@ class InitOptions:
     oversample: int = 8
     seed: int = 0
     device: str = "auto"
-    delora_lambda: float = 15.0
+    delora_lambda: float = DELORA_LAMBDA  # another value is refused for the other methods
     options: dict = field(default_factory=dict)  # the method's own options given (OPTIONS keys)
     energy_floor: float = ENERGY_FLOOR  # randomized SVD: least captured energy per module; 0: off
 
@@ -60,7 +61,8 @@ def plan_options(source: ModelSource, opts: InitOptions) -> tuple[list[Target], 
     """As :func:`plan`, and the method's own options resolved against the targets."""
     method = methods.get(opts.method)  # validates the name before the model is read
     check_rank_applies(opts)
-    for key in opts.options:
+    given = [*opts.options, *(["delora_lambda"] if opts.delora_lambda != DELORA_LAMBDA else [])]
+    for key in given:
         if key not in method.OPTIONS:
             owners = [n for n, m in methods.METHODS.items() if key in m.OPTIONS]
             flag = "--" + key.replace("_", "-")
@@ -153,7 +155,10 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
         flag = "--alpha" if opts.alpha is not None else "--rslora"
         raise UsageError(f"{flag} does not apply to {opts.method} (no scaling α/r); drop {flag}")
     targets, ranks, options = plan_options(source, opts)
-    rank = opts.rank if opts.rank is not None else min(ranks.values(), default=1)
+    # the global rank (α's default follows it): --rank, else the method's default rank, which
+    # --rank-pattern leaves unchanged for the modules it does not match
+    rank = opts.rank if opts.rank is not None else (method.DEFAULT_RANK
+                                                    or min(ranks.values(), default=1))
     alpha = float(opts.alpha) if opts.alpha is not None else method.default_alpha(rank)
     ckpt = source.checkpoint
     gen = torch.Generator().manual_seed(opts.seed)
@@ -166,7 +171,7 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
     tensors, infos, energies, refined = {}, {}, {}, {}
     task = progress.add_task("Decomposing" if svd_kind != "none" else "Initialising",
                              total=len(targets)) if progress else None
-    for (shape, rank), members in groups.items():
+    for (shape, group_rank), members in groups.items():
         per_batch = max(1, BATCH_BYTES // (4 * shape[0] * shape[1]))
         for i in range(0, len(members), per_batch):
             chunk = members[i:i + per_batch]
@@ -180,19 +185,19 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
                 ws.append(w)
             w = torch.stack(ws).to(device)
             fps = [fingerprint(r) for r in raw]
-            scaling = scaling_for(alpha, rank, opts.rslora)
-            init_opts = {**options, "rank": rank, "scaling": scaling, "generator": gen,
+            scaling = scaling_for(alpha, group_rank, opts.rslora)
+            init_opts = {**options, "rank": group_rank, "scaling": scaling, "generator": gen,
                          "svd": svd_kind, "niter": opts.niter, "oversample": opts.oversample,
                          "delora_lambda": opts.delora_lambda, "names": [t.name for t in chunk]}
             out = method.init(w, init_opts)
             s_found = out.pop("_s", None)
             if svd_kind == "randomized" and s_found is not None and opts.energy_floor > 0:
-                for j, how in _meet_floor(method, w, rank, init_opts, out, s_found, opts, energies,
-                                          chunk, fps).items():
+                for j, how in _meet_floor(method, w, group_rank, init_opts, out, s_found, opts,
+                                          energies, chunk, fps).items():
                     refined[chunk[j].name] = how
             for j, t in enumerate(chunk):
                 tensors[t.name] = {k: v[j].detach().cpu().contiguous() for k, v in out.items()}
-                infos[t.name] = ModuleInfo.of(t, rank=rank, alpha=alpha, scaling=scaling,
+                infos[t.name] = ModuleInfo.of(t, rank=group_rank, alpha=alpha, scaling=scaling,
                                               fingerprint=fps[j],
                                               captured_energy=energies.get(t.name))
             if progress:

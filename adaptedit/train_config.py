@@ -133,6 +133,9 @@ def validate(cfg: TrainConfig, resume: bool = False) -> None:
     checks.seed(cfg.seed)
     if cfg.eval_data and cfg.eval_split:
         bad("use either --eval-data or --eval-split, not both")
+    if cfg.eval_every and not (cfg.eval_data or cfg.eval_split or resume):
+        bad("--eval-every needs held-out data to evaluate: add --eval-data FILE or --eval-split "
+            "FRACTION")
     if not 0 <= cfg.eval_split < 1:
         bad("--eval-split must be in [0, 1)")
     if cfg.steps is not None and cfg.epochs is not None:

@@ -144,7 +144,7 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
     if cfg.chat_template:
         data.set_chat_template(tokenizer, Path(cfg.chat_template))
     load = dict(max_length=cfg.max_length, mask_prompt=cfg.mask_prompt,
-                skip_bad_rows=cfg.skip_bad_rows)
+                skip_bad_rows=cfg.skip_bad_rows, skip_hint=True)
     train_data = data.load(Path(cfg.data), tokenizer, **load)
     eval_data = None
     if cfg.eval_data:

@@ -93,6 +93,23 @@ def test_loss_equals_train_eval_loss_and_merged(trained):
     assert b["tokens"] == r["tokens"] and abs(b["loss"] - r["loss"]) > 1e-3
 
 
+def test_limit_takes_the_same_rows_for_loss_and_exact_match(trained, tmp_path):
+    """--limit N: the loss is over the first N rows, the rows generation scores; a first row left
+    without a trained token by --max-length used to pull row N + 1 into the loss."""
+    d, _ = trained
+    rs = rows(3, 7)
+    rs[0]["messages"][0]["content"] = "plus " * 200  # no trained token left at --max-length 64
+    f = tmp_path / "f.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rs))
+    second = tmp_path / "second.jsonl"
+    second.write_text(json.dumps(rs[1]) + "\n")
+    opts = dict(max_length=64, max_new_tokens=2, batch_size=2)
+    r = evaluate(str(d / "ad"), f, EvalOptions(limit=2, **opts))
+    assert (r["rows"], r["examples"], r["dropped_no_target"], r["n_scored"]) == (2, 1, 1, 2)
+    only = evaluate(str(d / "ad"), second, EvalOptions(generate=False, **opts))
+    assert r["loss"] == pytest.approx(only["loss"], rel=1e-6) and r["tokens"] == only["tokens"]
+
+
 def test_generation_batched_equals_single_greedy(trained, tiny_llama):
     d, _ = trained
     r = evaluate(str(tiny_llama), d / "valid.jsonl", EvalOptions(max_new_tokens=5, batch_size=4,
@@ -142,6 +159,7 @@ def test_cli_json_answers_retain_and_errors(trained, tmp_path):
     bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{oops\n")
     code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(bad)])
     assert code == 1 and f"{bad}:2" in err and len(err.strip().splitlines()) == 1
+    assert "--skip-bad-rows" not in err  # a flag of train's: eval has none to offer
     code, _, err = run_cli(["eval", str(d / "ad"), "--data", str(tmp_path / "none.jsonl")])
     assert code == 1 and "none.jsonl" in err and "no such file" in err
     code, _, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--limit", "0"])

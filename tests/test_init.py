@@ -156,6 +156,18 @@ def test_rank_pattern_and_rslora(tiny_llama):
     assert all(math.isclose(i.scaling, 4.0) for i in plain.config.modules.values())
 
 
+def test_rank_pattern_keeps_the_default_alpha(tiny_llama):
+    """Without --rank, α's default follows the default rank (16), not the pattern's smallest
+    rank: giving --rank 16 explicitly changes nothing, and the recorded rank is the global one."""
+    implicit = _init(tiny_llama, method="lora", rank=None, rank_pattern="mlp=8,o_proj=2")
+    explicit = _init(tiny_llama, method="lora", rank=16, rank_pattern="mlp=8,o_proj=2")
+    assert implicit.config.alpha == explicit.config.alpha == 32.0
+    assert implicit.config.rank == explicit.config.rank == 16
+    q = "model.layers.0.self_attn.q_proj"
+    assert implicit.config.modules[q].scaling == explicit.config.modules[q].scaling == 2.0
+    assert implicit.config.modules["model.layers.0.mlp.up_proj"].scaling == 4.0
+
+
 def test_delora_bound_holds_after_perturbation(tiny_llama):
     adapter = _init(tiny_llama, method="delora", delora_lambda=2.0)
     gen = torch.Generator().manual_seed(0)
@@ -230,6 +242,7 @@ def test_cli_init_file_modes_follow_the_umask(tiny_llama, tmp_path):
     (["--alpha", "-1"], "--alpha", 2),
     (["--alpha", "nan"], "--alpha", 2),
     (["-m", "delora", "--delora-lambda", "0"], "--delora-lambda", 2),
+    (["--dora", "--delora-lambda", "5"], "--delora-lambda applies to delora, not lora", 2),
     (["--rank-pattern", "mlp"], "is not NAME=NUMBER", 2),
     (["--rank-pattern", "mlp=2,mlp=3"], "given twice", 2),
     (["--rank-pattern", "re:[=2"], "not a valid regular expression", 2),

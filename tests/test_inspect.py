@@ -12,7 +12,7 @@ from helpers import run_cli
 from safetensors.torch import load_file, save_file
 
 from adaptedit.formats import load_adapter
-from adaptedit.errors import AdapteditError
+from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.init import InitOptions, build
 from adaptedit.analysis import Options, inspect_adapters, inspect_checkpoints
 from adaptedit.models import resolve
@@ -152,6 +152,10 @@ def test_trajectory_and_cache(tiny_llama, tmp_path, monkeypatch):
     assert rep["svd_cache"]["hits"] == 14  # the base SVDs cached by the first call, one per module
     with pytest.raises(AdapteditError, match="no training checkpoints"):
         inspect_adapters([make(tiny_llama, tmp_path / "plain", noise=0.01)], trajectory=True)
+    # with a second adapter the points mixed the first one's final state (a duplicate of its last
+    # checkpoint, labelled step None) with the other's final state, and no checkpoint of the other
+    with pytest.raises(UsageError, match="checkpoints of one adapter"):
+        inspect_adapters([folder, tmp_path / "plain"], trajectory=True)
 
 
 def test_peft_adapter_gives_the_same_numbers(tiny_llama, tmp_path):

@@ -315,6 +315,20 @@ def test_bad_data_is_a_one_line_error(work, tmp_path):
     assert f"{bad}:2: 'text' must be a string" in err
 
 
+def test_eval_every_without_eval_data_is_refused(work, tmp_path):
+    """--eval-every with nothing to evaluate was silently ignored (no eval loss, exit 0)."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", str(work / "lora"), "--data", str(work / "train.jsonl"),
+                            "--steps", "2", "--eval-every", "1", "-o", str(out)])
+    assert code == 2 and err.startswith("error: --eval-every needs held-out data"), err
+    assert not out.exists()
+    code, out_json, err = run_cli(["train", str(work / "lora"), "--data", str(work / "train.jsonl"),
+                                   "--eval-split", "0.25", "--steps", "2", "--eval-every", "1",
+                                   "-o", str(out), "--json"])
+    assert code == 0, err
+    assert json.loads(out_json)["eval_loss"] is not None
+
+
 @pytest.mark.slow
 def test_real_smollm2_learns_the_demo_task(tmp_path):
     """The embedded SmolLM2-135M on examples/dates (chat rows): loss falls within 12 steps."""

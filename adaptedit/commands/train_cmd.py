@@ -224,7 +224,8 @@ def _show_example(adapter_dir: Path, cfg, json_: bool) -> None:
     if cfg.chat_template:
         data.set_chat_template(tok, Path(cfg.chat_template))
     example = data.load(Path(cfg.data), tok, max_length=cfg.max_length,
-                        mask_prompt=cfg.mask_prompt, skip_bad_rows=cfg.skip_bad_rows, limit=1)
+                        mask_prompt=cfg.mask_prompt, skip_bad_rows=cfg.skip_bad_rows, limit=1,
+                        skip_hint=True)
     ids, trained = example.example(0)
     ids, trained = ids.tolist(), trained.tolist()
     pieces = [tok.decode([i]) for i in ids]
