@@ -101,13 +101,25 @@ def as_number(answer: str) -> str | None:
     return _normal(m.group(1), m.group(2)) if m else None
 
 
+# lm-evaluation-harness's gsm8k "strict-match": the first "#### <number>" of the generation, then
+# commas, "$" and one trailing "." ignored on both sides (its regexes_to_ignore)
+_STRICT = re.compile(r"#### (-?[0-9.,]+)")
+
+
+def _lm_eval_normal(text: str) -> str:
+    return re.sub(r"\.$", "", text.replace(",", "").replace("$", "")).strip()
+
+
 def score(generation: str, answer: str) -> tuple[bool, bool]:
     """(flexible, strict) exact match of one generation against a reference answer."""
+    number = as_number(answer)
     strict = False
-    if "####" in generation:
+    if number is not None:
+        m = _STRICT.search(generation)
+        strict = m is not None and _lm_eval_normal(m.group(1)) == _lm_eval_normal(answer)
+    elif "####" in generation:
         after = generation.rsplit("####", 1)[1].strip()
         strict = (after.splitlines()[0].strip() if after else "") == answer
-    number = as_number(answer)
     if number is not None:
         found = _numbers(generation)
         flexible = bool(found) and found[-1] == number

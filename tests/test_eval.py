@@ -45,6 +45,15 @@ def test_extract_answer(reference, answer):
     ("", "5", False, False),
     ("#### 1,234", "1,234", True, True),
     ("Paris.", "Paris", False, False),                        # text answers are exact
+    # strict numbers as lm-evaluation-harness's gsm8k strict-match: regex "#### (-?[0-9.,]+)",
+    # first match, then ",", "$" and a trailing "." ignored on both sides
+    ("#### 1,234", "1234", True, True),
+    ("#### 5.", "5", True, True),
+    ("#### 5 apples", "5", True, True),
+    ("#### 3\n#### 5", "5", True, False),                     # the first #### counts
+    ("#### 72.00", "72", True, False),                        # no decimal normalisation there
+    ("####7", "7", True, False),                              # "#### " with its space
+    ("The answer is #### May 27, 2044", "May 27, 2044", False, True),  # text: the line after ####
 ])
 def test_score(generation, answer, flexible, strict):
     assert score(generation, answer) == (flexible, strict)
@@ -179,6 +188,7 @@ def resolve_ref(d):
     ("42", "I think 41 or 42", True, False),
     ("42", "42 or maybe 41", False, False),
     ("May 27, 2044", "May 27, 2044\nextra", True, False),
+    ("#### 1,234", "#### 1234.", True, True),
 ])
 def test_docs_eval_examples(reference, generation, flexible, strict):
     assert score(generation, extract_answer(reference)) == (flexible, strict)
