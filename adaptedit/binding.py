@@ -55,13 +55,17 @@ def check_weight(adapter: Adapter, name: str, weight: torch.Tensor, base_ref: st
 
 
 def base_for(adapter: Adapter, base: str | None, *, quiet: bool = True,
-             trust_remote_code: bool = False):
-    """The base model source: --base if given, else the one recorded in the adapter."""
+             trust_remote_code: bool = False, fix: str = "put it back, or give the base with --base"):
+    """The base model source: --base if given, else the one recorded in the adapter (``fix``: what
+    the error says to do when that folder is gone)."""
     ref = base or adapter.config.base.get("ref")
     if not ref:
         raise AdapteditError(f"adapter {adapter.path} does not record its base model; pass --base")
     path = adapter.config.base.get("path")
-    if base is None and path and Path(path).is_dir() and adapter.config.base.get("kind") == "folder":
+    if base is None and path and adapter.config.base.get("kind") == "folder":
+        if not Path(path).is_dir():
+            raise AdapteditError(f"adapter {adapter.path}: its base model folder {path} (recorded "
+                                 f"at init) is not there any more (moved or deleted?); {fix}")
         ref = path
     return resolve(ref, quiet=quiet, trust_remote_code=trust_remote_code)
 

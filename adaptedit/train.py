@@ -34,12 +34,11 @@ from adaptedit.errors import AdapteditError
 from adaptedit.layer import adapted_layers, attach, collect, penalty
 from adaptedit.loss import TrainedPositions, loss_sum, trained_tokens
 from adaptedit.train_config import lr_at
-from adaptedit.train_run import Run, prepare, provenance  # noqa: F401 (train.prepare: the API)
+from adaptedit.train_run import (TRAIN_BASE_FIX, Run, prepare,  # noqa: F401 (train.prepare: API)
+                                 provenance)
 
 PAD_ID = 0  # padded positions are masked (attention 0, label −100): the id never matters
 # train reads the base the adapter records (it has no --base): the fix is that base, or a new init
-TRAIN_BASE_FIX = ("train uses the base recorded in the adapter: restore that model, or run "
-                  "`adaptedit init` on this one")
 
 
 class Interrupted(Exception):
@@ -108,7 +107,7 @@ def _train(run: Run, reporter=None, *, model=None, stop=None) -> dict:
 
 
 def _load_model(run: Run):
-    source = base_for(run.adapter, None)
+    source = base_for(run.adapter, None, fix=TRAIN_BASE_FIX)
     check_base(run.adapter, source, fix=TRAIN_BASE_FIX)
     return source.load(dtype=run.dtype, device=run.device)
 

@@ -26,6 +26,9 @@ from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.formats import load_adapter
 from adaptedit.train_config import LOCKED, PATHS, TrainConfig, method_lr, method_lr_source, same_file
 
+TRAIN_BASE_FIX = ("train uses the base recorded in the adapter: restore that model, or run "
+                  "`adaptedit init` on this one")
+
 
 @dataclass
 class Run:
@@ -139,7 +142,7 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
     device = pick_device(cfg.device, dist)
     dtype = pick_dtype(cfg.dtype, device)
     if tokenizer is None:
-        source = base_for(adapter, None)
+        source = base_for(adapter, None, fix=TRAIN_BASE_FIX)
         tokenizer = source.tokenizer()
     if cfg.chat_template:
         data.set_chat_template(tokenizer, Path(cfg.chat_template))

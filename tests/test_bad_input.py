@@ -354,3 +354,25 @@ def test_config_shapes_equal_the_meta_model_per_family(case, tmp_path):
     assert sizes and targets
     for t in targets:
         assert sizes[t.name.split(".", 3)[-1]] == t.shape, t.name
+
+
+@pytest.mark.parametrize("command", ["eval", "train", "merge"])
+def test_a_moved_base_is_named_with_the_fix(command, tiny_llama, tmp_path):
+    """The base folder an adapter records is gone: one line naming it and what to do (eval and
+    merge take --base; train has none), not "no such file or folder" about a bare name."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    folder = make_adapter(base, tmp_path / "ad")
+    shutil.move(base, tmp_path / "moved")
+    data = _data(tmp_path)
+    args = {"eval": ["eval", str(folder), "--data", str(data)],
+            "train": _train(folder, data),
+            "merge": ["merge", str(folder), "-o", str(tmp_path / "m")]}[command]
+    before = _snapshot(tmp_path)
+    rc, _, err = run_cli(args)
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"its base model folder {base} (recorded at init) is not there any more" in err
+    assert ("--base" in err) == (command != "train")
+    assert _snapshot(tmp_path) == before
+    rc, _, err = run_cli(args[:2] + ["--base", str(tmp_path / "moved")] + args[2:])
+    assert (rc == 0) == (command != "train"), err  # eval and merge run on the given base

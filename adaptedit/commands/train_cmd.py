@@ -218,9 +218,10 @@ def _show_example(adapter_dir: Path, cfg, json_: bool) -> None:
     from adaptedit import data
     from adaptedit.binding import base_for
     from adaptedit.formats import load_adapter
+    from adaptedit.train_run import TRAIN_BASE_FIX
 
     adapter = load_adapter(adapter_dir)
-    tok = base_for(adapter, None).tokenizer()
+    tok = base_for(adapter, None, fix=TRAIN_BASE_FIX).tokenizer()
     if cfg.chat_template:
         data.set_chat_template(tok, Path(cfg.chat_template))
     example = data.load(Path(cfg.data), tok, max_length=cfg.max_length,
