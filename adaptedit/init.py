@@ -70,7 +70,14 @@ def plan_options(source: ModelSource, opts: InitOptions) -> tuple[list[Target], 
                              f"{opts.method}; drop {flag}")
     candidates = source.targets
     check_stored_shapes(source, candidates)  # all of them: the base must load in train and merge
-    targets = select(candidates, targets_spec(opts))
+    try:
+        targets = select(candidates, targets_spec(opts))
+    except AdapteditError as e:
+        if opts.targets is not None:
+            raise
+        found = str(e).split(" ", 2)[2].replace("matches no module;", "match no module of this model;")
+        raise AdapteditError(f"{opts.method}'s default targets ({targets_spec(opts)}) {found}; "
+                             "choose them with --targets") from None
     pattern = parse_pattern(opts.rank_pattern)
     unmatched = pattern_unmatched([t.name for t in targets], pattern)
     if unmatched:

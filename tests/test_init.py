@@ -301,3 +301,20 @@ def test_adapter_with_unknown_method_names_its_config(tiny_llama, tmp_path):
     (out / "adaptedit.json").write_text(json.dumps({**cfg, "method": "future-method"}))
     code, _, err = run_cli(["inspect", str(out)])
     assert code == 1 and "adaptedit.json: unknown method 'future-method'" in err
+
+
+def test_a_method_default_targets_matching_nothing_say_so(tiny_bert, tmp_path):
+    """ia3's default targets are PEFT's (k_proj, v_proj, down_proj); on BERT they match nothing:
+    the error says they are the method's defaults, not something the user typed."""
+    from adaptedit import methods
+
+    code, _, err = run_cli(["init", str(tiny_bert), "-m", "ia3", "-o", str(tmp_path / "x")])
+    assert code == 1 and err.count("\n") == 1, err
+    spec = methods.get("ia3").TARGETS
+    assert spec.startswith("k_proj,v_proj,down_proj")
+    assert f"ia3's default targets ({spec}) match no module of this model" in err
+    assert "choose them with --targets" in err and "--targets 'k_proj" not in err
+    assert not (tmp_path / "x").exists()
+    code, _, err = run_cli(["init", str(tiny_bert), "-m", "ia3", "--targets", "nothing",
+                            "-o", str(tmp_path / "x")])
+    assert code == 1 and "--targets 'nothing' matches no module" in err
