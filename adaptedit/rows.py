@@ -41,6 +41,9 @@ def read_rows(path: Path) -> Iterator[tuple[int, object]]:
     Line numbers: JSONL/JSON/CSV the 1-based line where the row starts; Parquet the 1-based row.
     """
     path = Path(path)
+    if path.is_dir():
+        raise AdapteditError(f"{path}: a folder, not a data file; give the file itself (.jsonl, "
+                             ".json, .csv or .parquet)")
     if not path.is_file():
         raise AdapteditError(f"{path}: no such data file")
     kind = SUFFIXES.get(path.suffix.lower())
@@ -213,9 +216,9 @@ def row_format(row) -> str:
     if fmt == "text":
         _check_str(row, "text", allow_empty=False)
     elif fmt == "prompt-completion":
-        for k in ("prompt", "completion"):
+        for k, other in (("prompt", "completion"), ("completion", "prompt")):
             if k not in row:
-                raise BadRow(f"has 'prompt' or 'completion' but not '{k}'")
+                raise BadRow(f"has '{other}' but no '{k}' field (prompt-completion rows need both)")
         _check_str(row, "prompt", allow_empty=True)
         _check_str(row, "completion", allow_empty=False)
     else:

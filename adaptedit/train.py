@@ -125,7 +125,11 @@ class _Loop:
         self.run, self.cfg, self.model, self.dist, self.rep = run, cfg, model, dist, rep
         attach(model, run.adapter)
         if cfg.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         self.positions = TrainedPositions(model)
         layers = adapted_layers(model)

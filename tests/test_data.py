@@ -244,7 +244,8 @@ BAD = [
     ('{"text": "a", "prompt": "b", "completion": "c"}', "ambiguous row"),
     ('{"text": 5}', "'text' must be a string, got int"),
     ('{"text": "   "}', "'text' is empty"),
-    ('{"prompt": "a"}', "has 'prompt' or 'completion' but not 'completion'"),
+    ('{"prompt": "a"}', "has 'prompt' but no 'completion' field"),
+    ('{"completion": "a"}', "has 'completion' but no 'prompt' field"),
     ('{"prompt": "a", "completion": ""}', "'completion' is empty"),
     ('{"prompt": null, "completion": "b"}', "'prompt' must be a string, got NoneType"),
     ('{"messages": []}', "'messages' must be a non-empty list"),
@@ -293,3 +294,10 @@ def test_nothing_usable_is_an_error_never_a_zero_loss(tok, tmp_path):
     with pytest.raises(AdapteditError, match="unknown data file type"):
         data.load(tmp_path / "g.txt" if (tmp_path / "g.txt").write_text("x") else None, tok,
                max_length=64)
+
+
+def test_a_folder_given_as_data_is_named_as_such(tok, tmp_path):
+    with pytest.raises(AdapteditError, match=rf"^{tmp_path}: a folder, not a data file; give the "):
+        data.load(tmp_path, tok, max_length=64)
+    with pytest.raises(AdapteditError, match=rf"^{tmp_path / 'none.jsonl'}: no such data file$"):
+        data.load(tmp_path / "none.jsonl", tok, max_length=64)
