@@ -45,7 +45,7 @@ class MergeOptions:
     weights: list[float] | None = None
     combine: str = "linear"
     density: float = 1.0
-    seed: int = 0
+    seed: int | None = None  # dare's drop pattern (0 when not given); refused for linear and ties
     dtype: str = "auto"
     max_shard_size: str | int = DEFAULT_SHARD
     verify: bool = True
@@ -95,7 +95,11 @@ def validate_options(adapters: list[Adapter], opts: MergeOptions) -> list[float]
     if opts.combine == "linear" and opts.density != 1.0:
         raise UsageError(f"--density {opts.density:g} applies to --combine ties, dare_linear or "
                          "dare_ties; linear keeps every entry (choose one of those or drop --density)")
-    checks.seed(opts.seed)
+    if opts.seed is not None:
+        checks.seed(opts.seed)
+        if not opts.combine.startswith("dare"):
+            raise UsageError(f"--seed applies to --combine dare_linear or dare_ties (the random drop "
+                             f"pattern); {opts.combine} draws nothing: drop --seed")
     if opts.dtype not in ("auto", *DTYPES):
         raise UsageError(f"--dtype {opts.dtype!r}: choose auto, bf16, fp16 or fp32")
     weights = opts.weights or [1.0] * len(adapters)
@@ -243,7 +247,7 @@ def _merge_tensor(adapters, entries, raw, key, weights, opts, base_ref, dtype) -
         deltas = [None] * len(adapters)
         for i, name, _ in entries:
             deltas[i] = module_delta(adapters[i], name, w)
-        d = combine(deltas, weights, opts.combine, opts.density, opts.seed, key)
+        d = combine(deltas, weights, opts.combine, opts.density, opts.seed or 0, key)
         new = None if d is None else w + d
     del w  # keep the peak at raw + one float32 copy + the output
     if new is None:
@@ -299,6 +303,6 @@ def _apply_in_memory(model, adapters, weights, opts, keymap: dict) -> None:
             w = to_w(mod.weight, kind).float()
             deltas = [module_delta(a, name, w) if name in a.config.modules else None
                       for a in adapters]
-            d = combine(deltas, weights, opts.combine, opts.density, opts.seed, keymap[name])
+            d = combine(deltas, weights, opts.combine, opts.density, opts.seed or 0, keymap[name])
             if d is not None:
                 mod.weight.copy_(from_w(w + d, kind).to(mod.weight.dtype))

@@ -87,3 +87,14 @@ def test_density_with_linear_is_refused(tiny_llama, tmp_path):
     ad = make_adapter(tiny_llama, tmp_path / "a", seed=1)
     code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "o"), "-q", "--density", "0.5"])
     assert code == 2 and "--density" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("how", ["linear", "ties"])
+def test_seed_without_dare_is_refused(tiny_llama, tmp_path, how):
+    """linear and ties draw nothing: a --seed given there is refused, not silently ignored."""
+    ad = make_adapter(tiny_llama, tmp_path / "a", seed=1)
+    extra = ["--density", "0.5"] if how == "ties" else []
+    code, _, err = run_cli(["merge", str(ad), "-o", str(tmp_path / "o"), "-q", "--combine", how,
+                            *extra, "--seed", "3"])
+    assert code == 2 and "--seed applies to --combine dare_linear or dare_ties" in err, err
+    assert f"{how} draws nothing" in err and not (tmp_path / "o").exists()

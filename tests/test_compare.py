@@ -222,13 +222,15 @@ def test_bad_input_refused_before_training(tiny_llama, data, tmp_path, extra, me
     assert not out.exists()  # nothing written
 
 
-def test_test_limit_without_test_data_is_refused(tiny_llama, data, tmp_path):
-    """--test-limit with no --test-data was silently ignored (no test metrics, exit 0)."""
+@pytest.mark.parametrize("flag", ["--test-limit", "--max-new-tokens"])
+def test_test_options_without_test_data_are_refused(tiny_llama, data, tmp_path, flag):
+    """--test-limit or --max-new-tokens with no --test-data was silently ignored (no test
+    metrics, exit 0)."""
     out = tmp_path / "c"
     code, _, err = run_cli(["compare", str(tiny_llama), "--data", str(data / "train.jsonl"),
                             "--eval-data", str(data / "valid.jsonl"), "--methods", "lora",
-                            "--steps", "1", "--test-limit", "4", "-o", str(out)])
-    assert code == 2 and "--test-limit applies to --test-data" in err, err
+                            "--steps", "1", flag, "4", "-o", str(out)])
+    assert code == 2 and f"{flag} applies to --test-data" in err, err
     assert not out.exists()
 
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from adaptedit import console
+from adaptedit.errors import UsageError
 from adaptedit.commands.common import DEVICE, JSON, QUIET, TARGETS, TRUST
 
 
@@ -19,8 +20,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _ints(text: str, name: str) -> list:
-    from adaptedit.errors import UsageError
-
     try:
         vals = [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
@@ -53,7 +52,7 @@ def compare(
     method_option: list[str] = typer.Option(None, "--method-option", help="METHOD:KEY=VALUE, e.g. pissa:lr=2e-5,5e-5 or delora:delora_lambda=10 (repeatable)."),
     targets: str = TARGETS,
     svd: str = typer.Option("full", "--svd", help="SVD of PiSSA's init: full (exact, shared by all runs) | randomized | auto."),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Longest generation for exact match on --test-data."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Longest generation for exact match on --test-data (default 16)."),
     test_limit: int = typer.Option(None, "--test-limit", help="Evaluate the first N test rows only."),
     jobs: int = typer.Option(1, "--jobs", help="Runs at once, one per GPU (1 on CPU)."),
     device: str = DEVICE,
@@ -68,6 +67,9 @@ def compare(
     from adaptedit.compare import CompareOptions, compare as run_compare, parse_floats
 
     console.configure(quiet=quiet, json_mode=json_)
+    if max_new_tokens is not None and test_data is None:
+        raise UsageError("--max-new-tokens applies to --test-data, which is not given; add "
+                         "--test-data FILE or drop --max-new-tokens")
     opts = CompareOptions(
         data=data, eval_data=eval_data, model=model, test_data=test_data, retain_data=retain_data,
         methods=[m.strip() for m in methods_.split(",") if m.strip()], rank=rank, alpha=alpha,
@@ -75,7 +77,7 @@ def compare(
         steps=steps, epochs=epochs, batch_size=batch_size, max_length=max_length,
         eval_every=eval_every, save_every=save_every, lr_schedule=lr_schedule, warmup=warmup,
         targets=targets, svd=svd, budget=budget, method_options=list(method_option or []),
-        max_new_tokens=max_new_tokens, test_limit=test_limit, device=device, dtype=dtype,
+        max_new_tokens=16 if max_new_tokens is None else max_new_tokens, test_limit=test_limit, device=device, dtype=dtype,
         jobs=jobs)
     live = LiveTable(enabled=not (quiet or json_))
     try:

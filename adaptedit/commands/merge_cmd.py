@@ -33,7 +33,7 @@ def merge(
     weights: str = typer.Option(None, "--weights", "-w", help="One weight per adapter, e.g. 0.7,0.3 (default 1 each)."),
     combine: str = typer.Option("linear", "--combine", help="linear | ties | dare_linear | dare_ties (PEFT's conventions; one adapter too)."),
     density: float = typer.Option(1.0, "--density", help="Fraction kept by ties/dare, in (0, 1]."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the dare drop pattern."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the dare drop pattern (default 0; dare_linear and dare_ties only)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's) | bf16 | fp16 | fp32."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB (shards are written tensor by tensor: memory does not depend on it)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare logits of base+adapter and the merged model (default on when it fits in memory)."),
