@@ -260,6 +260,9 @@ def inspect_adapters(folders: list, *, base: str | None = None, opts: Options | 
     found = recorded_targets(main, source)
     for _, _, ad in points_src:
         recorded_targets(ad, source)
+    if main.config.source == "peft":  # PEFT's file order is by name: report in the model's order
+        rank = {t.name: i for i, t in enumerate(source.targets)}
+        targets.sort(key=lambda t: rank.get(t.name, len(rank)))
     ckpt = source.checkpoint
     task = progress.add_task("Inspecting", total=len(targets)) if progress else None
 
