@@ -335,6 +335,18 @@ class CompareResults:
         return self.summary["table"]
 
 
+def check_data(opts: CompareOptions, source) -> None:
+    """Read and tokenize the training, eval and retain files as every run will (their first bad
+    row or missing file is an error now, not when the first run starts)."""
+    from adaptedit import data
+
+    tokenizer = None
+    for path in (opts.data, opts.eval_data, opts.retain_data):
+        if path:
+            tokenizer = tokenizer or source.tokenizer()
+            data.load(Path(path), tokenizer, max_length=opts.max_length)
+
+
 def compare(opts: CompareOptions, *, out: Path, resume: bool = False, progress=None,
             trust_remote_code: bool = False) -> CompareResults:
     """Run (or resume) the comparison into ``out`` and write every output. ``progress(event,
@@ -355,6 +367,8 @@ def compare(opts: CompareOptions, *, out: Path, resume: bool = False, progress=N
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AdapteditError(f"-o {out}: already exists; pass --resume to continue that "
                              "comparison, or choose a new folder")
+    else:
+        check_data(opts, source)  # before -o exists: a bad row is fixed and run again, same -o
     try:
         (out / RUNS).mkdir(parents=True, exist_ok=True)
     except OSError as e:
