@@ -374,9 +374,15 @@ def _report(mode, records, points, opts, notes, start, cache_hits) -> dict:
         notes.append(f"{len(overlap)} module(s) (e.g. {overlap[0]}) have 2k > min(out, in): their "
                      "top-k and bottom-k subspaces overlap, so E_top and E_bottom say little there;"
                      " lower --k")
-    if any(r["base_svd"] != "full" for r in records):
-        notes.append("W₀'s SVD is randomized for some modules: E_bottom is not available there and "
-                     "intruder counts are upper bounds")
+    approx = [r for r in records if r["base_svd"] != "full"]
+    if approx:
+        worst = max(approx, key=lambda r: (r.get("base_svd_accuracy") or {}).get("max_residual", 0))
+        res = (worst.get("base_svd_accuracy") or {}).get("max_residual")
+        notes.append(f"W₀'s SVD is randomized for {len(approx)} module(s): E_bottom is not available"
+                     " there, intruder counts are upper bounds, and E_top and the angles use "
+                     "approximate singular vectors"
+                     + (f" (worst relative residual {res:.2g}, {worst['name']})" if res else "")
+                     + "; --svd full gives exact ones")
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "adaptedit_version": __version__,
         "mode": mode, "base": None, "adapter": None, "tuned": None,

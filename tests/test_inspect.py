@@ -297,7 +297,10 @@ def test_randomized_base_svd_and_damaged_cache(tiny_llama, tmp_path, monkeypatch
     r = rep["modules"][0]
     assert r["base_svd"] == "randomized" and r["e_bottom"] is None and not r["intruders_exact"]
     assert 0.99 < r["base_svd_accuracy"]["captured_energy"] <= 1.0 + 1e-6  # rank ≥ min(out, in)
-    assert any("randomized" in n for n in rep["notes"])
+    note = next(n for n in rep["notes"] if "randomized" in n)
+    worst = max(rep["modules"], key=lambda m: m["base_svd_accuracy"]["max_residual"])
+    assert f"randomized for {len(rep['modules'])} module(s)" in note and "--svd full" in note
+    assert f"{worst['base_svd_accuracy']['max_residual']:.2g}, {worst['name']})" in note
     assert r["e_top"] == pytest.approx(exact[r["name"]]["e_top"], abs=1e-3)
     # a damaged cache entry is recomputed, not trusted
     for f in (tmp_path / "cache" / "svd").glob("*-full.safetensors"):
