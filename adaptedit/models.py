@@ -273,6 +273,12 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
     if path.exists():
         if path.is_dir():
             if not (path / "config.json").exists():
+                marker = next((n for n in ("adaptedit.json", "adapter_config.json")
+                               if (path / n).exists()), None)
+                if marker:
+                    raise AdapteditError(f"{path}: an adapter folder ({marker}), not a model; give "
+                                         "its base model here (the adapter goes to train, eval, "
+                                         "inspect, merge or export)")
                 raise AdapteditError(f"{path}: no config.json; expected a model folder "
                                      "(config.json + *.safetensors) or a .gguf file")
             check_remote_code(ref, path, trust_remote_code)

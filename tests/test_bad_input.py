@@ -376,3 +376,23 @@ def test_a_moved_base_is_named_with_the_fix(command, tiny_llama, tmp_path):
     assert _snapshot(tmp_path) == before
     rc, _, err = run_cli(args[:2] + ["--base", str(tmp_path / "moved")] + args[2:])
     assert (rc == 0) == (command != "train"), err  # eval and merge run on the given base
+
+
+@pytest.mark.parametrize("command", ["modules", "init"])
+def test_an_adapter_folder_given_as_the_model_is_named(command, adapter, tmp_path):
+    """An adapter folder where a model is expected said only 'no config.json'."""
+    args = [command, str(adapter)] + (["-o", str(tmp_path / "out")] if command == "init" else [])
+    code, _, err = run_cli(args)
+    assert code == 1 and err.startswith(f"error: {adapter}: an adapter folder (adaptedit.json), "
+                                        "not a model; give its base model"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_negative_eval_every_names_its_range(adapter, tmp_path):
+    """--eval-every -1 was reported as needing held-out data instead of as out of range."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    code, _, err = run_cli(["train", str(adapter), "--data", str(data), "--eval-every", "-1",
+                            "-o", str(tmp_path / "out")])
+    assert code == 2 and err.strip() == "error: --eval-every and --save-every must be ≥ 0", err
+    assert not (tmp_path / "out").exists()
