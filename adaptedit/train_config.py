@@ -133,6 +133,8 @@ def validate(cfg: TrainConfig, resume: bool = False) -> None:
     checks.seed(cfg.seed)
     if cfg.eval_data and cfg.eval_split:
         bad("use either --eval-data or --eval-split, not both")
+    if cfg.eval_every < 0 or cfg.save_every < 0:
+        bad("--eval-every and --save-every must be ≥ 0")
     if cfg.eval_every and not (cfg.eval_data or cfg.eval_split or resume):
         bad("--eval-every needs held-out data to evaluate: add --eval-data FILE or --eval-split "
             "FRACTION")
@@ -155,8 +157,6 @@ def validate(cfg: TrainConfig, resume: bool = False) -> None:
         bad("--warmup, --weight-decay and --max-grad-norm must be ≥ 0")
     if cfg.dtype not in ("auto", "bf16", "fp16", "fp32"):
         bad(f"--dtype {cfg.dtype!r}: use auto, bf16, fp16 or fp32")
-    if cfg.eval_every < 0 or cfg.save_every < 0:
-        bad("--eval-every and --save-every must be ≥ 0")
 
 
 def lr_at(step: int, total: int, base: float, schedule: str, warmup: int) -> float:
