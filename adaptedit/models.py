@@ -277,8 +277,8 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
                                if (path / n).exists()), None)
                 if marker:
                     raise AdapteditError(f"{path}: an adapter folder ({marker}), not a model; give "
-                                         "its base model here (the adapter goes to train, eval, "
-                                         "inspect, merge or export)")
+                                         "a model folder here: its base, or the folder "
+                                         "`adaptedit merge` writes from it")
                 raise AdapteditError(f"{path}: no config.json; expected a model folder "
                                      "(config.json + *.safetensors) or a .gguf file")
             check_remote_code(ref, path, trust_remote_code)

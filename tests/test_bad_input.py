@@ -384,7 +384,7 @@ def test_an_adapter_folder_given_as_the_model_is_named(command, adapter, tmp_pat
     args = [command, str(adapter)] + (["-o", str(tmp_path / "out")] if command == "init" else [])
     code, _, err = run_cli(args)
     assert code == 1 and err.startswith(f"error: {adapter}: an adapter folder (adaptedit.json), "
-                                        "not a model; give its base model"), err
+                                        "not a model; give a model folder here: its base"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
