@@ -297,6 +297,9 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
             raise AdapteditError(f"{path}: a bare safetensors file has no config; pass the folder "
                                  "that holds it with config.json")
         raise AdapteditError(f"{path}: not a model folder or a .gguf file")
+    if path.suffix.lower() in (".gguf", ".safetensors", *PICKLE_SUFFIXES):  # a file, not a repo
+        raise AdapteditError(f"{ref}: no such file; check the path (a model is a folder, a .gguf "
+                             "file or a hub id org/name)")
     if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         bad = _bad_hub_name(ref.partition("@")[0])
         if bad:

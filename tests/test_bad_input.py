@@ -396,3 +396,13 @@ def test_a_negative_eval_every_names_its_range(adapter, tmp_path):
                             "-o", str(tmp_path / "out")])
     assert code == 2 and err.strip() == "error: --eval-every and --save-every must be ≥ 0", err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["models/absent.gguf", "absent.gguf", "org/absent.safetensors"])
+def test_a_missing_gguf_path_is_no_such_file_not_a_hub_miss(name, tmp_path, monkeypatch):
+    """models/x.gguf that does not exist was looked up on the hub as a repository id."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli(["modules", name])
+    assert code == 1 and err.startswith(f"error: {name}: no such file; check the path"), err
+    assert "hub" not in err.split(";")[0] and len(err.strip().splitlines()) == 1
