@@ -72,6 +72,12 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise AdapteditError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..")
+                    for f in weight_map.values()):
+                raise AdapteditError(f"{index}: not a valid safetensors index (weight_map must map "
+                                     "tensor names to shard file names in this folder); the "
+                                     "download or copy is damaged: fetch it again")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors")

@@ -406,3 +406,17 @@ def test_a_missing_gguf_path_is_no_such_file_not_a_hub_miss(name, tmp_path, monk
     code, _, err = run_cli(["modules", name])
     assert code == 1 and err.startswith(f"error: {name}: no such file; check the path"), err
     assert "hub" not in err.split(";")[0] and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("weight_map", [[], {"x": 5}, {"x": "../other/model.safetensors"}])
+def test_a_malformed_shard_index_is_named(weight_map, tiny_llama_sharded, tmp_path):
+    """weight_map as a list or with a non-string shard gave 'error: AttributeError/TypeError: ...';
+    a shard path outside the folder was opened."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_sharded, folder)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    code, _, err = run_cli(["modules", str(folder)])
+    assert code == 1 and err.startswith(f"error: {index}: not a valid safetensors index "
+                                        "(weight_map must map"), err
+    assert len(err.strip().splitlines()) == 1
