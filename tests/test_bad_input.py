@@ -420,3 +420,14 @@ def test_a_malformed_shard_index_is_named(weight_map, tiny_llama_sharded, tmp_pa
     assert code == 1 and err.startswith(f"error: {index}: not a valid safetensors index "
                                         "(weight_map must map"), err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_modules_refuses_a_config_that_disagrees_with_the_weights(tiny_llama, tmp_path):
+    """modules listed config.json's 4096×11008 shapes (exit 0) for 32×64 stored weights; init refused."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    code, out, err = run_cli(["modules", str(folder)])
+    assert code == 1 and "is stored as 32×32 but config.json makes" in err, (out, err)
+    assert err.startswith("error: ") and "fix config.json" in err and len(err.strip().splitlines()) == 1

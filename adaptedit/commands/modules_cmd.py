@@ -9,6 +9,7 @@ from rich.table import Table
 
 from adaptedit import console
 from adaptedit.commands.common import JSON, QUIET, TARGETS, TRUST
+from adaptedit.init import check_stored_shapes
 from adaptedit.models import resolve
 from adaptedit.targets import select
 
@@ -29,6 +30,7 @@ def modules(
     source = resolve(model, trust_remote_code=trust_remote_code, quiet=console.quiet())
     ckpt = source.checkpoint
     chosen = select(source.targets, targets)
+    check_stored_shapes(source, chosen)  # list the shapes init would build, or say why not
     rows = [{"name": t.name, "kind": t.kind, "out": t.out_features, "in": t.in_features,
              "dtype": str(ckpt.dtype(t.key)).removeprefix("torch."), "key": t.key} for t in chosen]
     by_type = Counter(t.module_type for t in chosen)
