@@ -431,3 +431,11 @@ def test_modules_refuses_a_config_that_disagrees_with_the_weights(tiny_llama, tm
     code, out, err = run_cli(["modules", str(folder)])
     assert code == 1 and "is stored as 32×32 but config.json makes" in err, (out, err)
     assert err.startswith("error: ") and "fix config.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dora_as_a_method_points_to_the_flag(tiny_llama, tmp_path):
+    """--method dora said only 'unknown method' without naming --dora."""
+    code, _, err = run_cli(["init", str(tiny_llama), "--method", "dora", "-o", str(tmp_path / "o")])
+    assert code == 2 and err.strip() == ("error: 'dora' is not a method but goes on top of one: "
+                                         "--method lora --dora (compare: --methods lora+dora)"), err
+    assert not (tmp_path / "o").exists()

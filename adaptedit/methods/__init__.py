@@ -86,6 +86,9 @@ def get(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
+        if name in MODIFIERS:
+            raise UsageError(f"{name!r} is not a method but goes on top of one: --method lora "
+                             f"--{name} (compare: --methods lora+{name})") from None
         raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
 
 
