@@ -199,6 +199,14 @@ def publish_dir(tmp: Path, folder: Path, *, force: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _why(e: OSError) -> str:
+    """Why a folder could not be made: mkdir(parents=True) says "File exists" when a file stands
+    where a folder of the path should be."""
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return "a file stands where a folder of that path should be"
+    return e.strerror or str(e)
+
+
 def write_atomic_dir(folder: Path, write, *, force: bool) -> None:
     """Create ``folder`` by calling ``write(tmpdir)`` then renaming: never a half-written folder,
     never a replaced one without ``force`` (even one created while ``write`` ran)."""
@@ -213,7 +221,7 @@ def write_atomic_dir(folder: Path, write, *, force: bool) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=leftovers.tmp_prefix(folder.name), dir=folder.parent))
     except OSError as e:
         raise AdapteditError(f"{folder}: cannot create a folder in {folder.parent} "
-                             f"({e.strerror or e}); choose another output path") from None
+                             f"({_why(e)}); choose another output path") from None
     try:
         write(tmp)
         set_default_modes(tmp)
@@ -241,7 +249,7 @@ def write_atomic_file(path: Path, write, *, force: bool, option: str = "-o") -> 
         os.close(fd)
     except OSError as e:
         raise AdapteditError(f"{option} {path}: cannot create a file in {path.parent} "
-                             f"({e.strerror or e})") from None
+                             f"({_why(e)}); choose another path") from None
     tmp = Path(name)
     try:
         write(tmp)

@@ -439,3 +439,18 @@ def test_dora_as_a_method_points_to_the_flag(tiny_llama, tmp_path):
     assert code == 2 and err.strip() == ("error: 'dora' is not a method but goes on top of one: "
                                          "--method lora --dora (compare: --methods lora+dora)"), err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["init", "inspect"])
+def test_an_output_under_a_file_says_a_file_is_in_the_way(command, adapter, tiny_llama, tmp_path):
+    """-o FILE/x said '(File exists)', naming no file and no fix."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep")
+    out = blocker / "x" / "y"
+    args = (["init", str(tiny_llama), "-o", str(out)] if command == "init"
+            else ["inspect", str(adapter), "--html", str(out / "r.html")])
+    code, _, err = run_cli(args)
+    assert code == 1 and "(a file stands where a folder of that path should be); choose another" \
+        in err, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert blocker.read_text() == "keep"
