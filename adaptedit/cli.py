@@ -87,7 +87,14 @@ def _run(argv: list[str] | None) -> int:
             sys.stderr.write("aborted\n")
             return 1
         if hasattr(e, "exit_code") and hasattr(e, "show"):
-            e.show()
+            if type(e).__name__ == "NoArgsIsHelpError" or not hasattr(e, "format_message"):
+                e.show()  # the help text itself
+                return e.exit_code
+            # a usage error (bad option value, unknown option or command): one line, as ours
+            ctx = getattr(e, "ctx", None)
+            where = getattr(ctx, "command_path", None) or "adaptedit"
+            sys.stderr.write(f"error: {' '.join(e.format_message().split())} "
+                             f"(see '{where} --help')\n")
             return e.exit_code
         return _fail(e, 1, unexpected=True)
     if rc == 130:

@@ -454,3 +454,19 @@ def test_an_output_under_a_file_says_a_file_is_in_the_way(command, adapter, tiny
         in err, err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert blocker.read_text() == "keep"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["init", "--rank", "abc"], "Invalid value for '--rank'"),
+    (["init", "--no-such-flag"], "No such option: --no-such-flag"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+    (["merge", "x"], "Missing option '--out'"),
+])
+def test_usage_errors_of_the_parser_are_one_line(args, needle, tmp_path):
+    """What the option parser rejects (a wrong type, an unknown option or command, a missing
+    option) is one `error:` line with exit 2, like every other usage error; help stays help."""
+    rc, out, err = run_cli(args)
+    assert rc == 2 and err.startswith("error: ") and needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "--help" in err and out == ""
+    rc, out, _ = run_cli(["init", "--help"])
+    assert rc == 0 and "Usage" in out
