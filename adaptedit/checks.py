@@ -161,3 +161,45 @@ def adapter_tensors(adapter) -> None:
                     f"{where}: {name}.{key} holds NaN or Inf, so the adapter is broken (a "
                     "diverged run?); use an earlier checkpoint (checkpoints/step-N) or run init "
                     "again")
+
+
+# ----------------------------------------------------------------------------------------------
+# model folders
+
+
+def model_folder(ref: str, path, trust_remote_code: bool) -> None:
+    """Refuse a model folder whose stored tensors adaptedit cannot take as the weights, or whose
+    loading runs code the user did not allow:
+
+    - a model that needs its own Python code (config.json's auto_map for a model_type this
+      transformers does not implement) unless --trust-remote-code was given (models whose code
+      was later added to transformers keep their auto_map and load without it);
+    - a quantized checkpoint (config.json ``quantization_config``: FP8, GPTQ, AWQ, bitsandbytes
+      ...): its tensors are scaled or packed values, which transformers dequantizes or wraps when
+      it loads, while adaptedit reads each one as W.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # reported by whoever reads the config
+    if not isinstance(raw, dict):
+        return
+    if raw.get("auto_map") and not trust_remote_code:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        mt = raw.get("model_type")
+        if mt not in CONFIG_MAPPING_NAMES:
+            raise AdapteditError(
+                f"{ref}: this model needs its own Python code (config.json has auto_map and "
+                f"transformers does not know model_type {str(mt)!r}); pass --trust-remote-code if "
+                "you trust it (init, inspect, extract, modules and eval take it; train and merge "
+                "never run model code)")
+    q = raw.get("quantization_config")
+    if q:
+        method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+        raise AdapteditError(f"{ref}: a quantized checkpoint (config.json quantization_config, "
+                             f"quant_method {method!r}): its stored tensors are not the weights; "
+                             "use the unquantized model")

@@ -146,7 +146,7 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
     """Merge ``adapters`` into their base and write the checkpoint folder ``out`` atomically.
 
     A base that needs its own Python code (auto_map) is refused: the merged folder would need that
-    code too, and merge runs no model code (models.check_remote_code)."""
+    code too, and merge runs no model code (checks.model_folder)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     from adaptedit.models import resolve

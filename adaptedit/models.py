@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from adaptedit import checks
 from adaptedit.errors import AdapteditError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -287,8 +288,7 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
                                          "`adaptedit merge` writes from it")
                 raise AdapteditError(f"{path}: no config.json; expected a model folder "
                                      "(config.json + *.safetensors) or a .gguf file")
-            check_remote_code(ref, path, trust_remote_code)
-            check_not_quantized(ref, path)
+            checks.model_folder(ref, path, trust_remote_code)
             src = ModelSource(ref, path.resolve(), "folder", trust_remote_code)
             src.checkpoint  # validate weights now: one-line error for bad files
             return src
@@ -312,49 +312,6 @@ def resolve(ref: str | None, *, trust_remote_code: bool = False, quiet: bool = T
             raise AdapteditError(f"{ref}: no such file or folder, and not a valid hub id ({bad})")
         return _from_hub(ref, trust_remote_code)
     raise AdapteditError(f"{ref}: no such file or folder, and not a hub id (org/name)")
-
-
-def remote_code_type(path: Path) -> str | None:
-    """The model_type of a model that needs its own Python code, else None: config.json names code
-    (auto_map) for a model type this transformers does not implement itself. (Models whose code
-    was later added to transformers keep their auto_map and load without it.)"""
-    try:
-        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # reported by whoever reads the config
-    if not isinstance(raw, dict) or not raw.get("auto_map"):
-        return None
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    mt = raw.get("model_type")
-    return None if mt in CONFIG_MAPPING_NAMES else str(mt)
-
-
-def check_remote_code(ref: str, path: Path, trust_remote_code: bool) -> None:
-    """Refuse a model that needs its own code unless --trust-remote-code was given."""
-    mt = None if trust_remote_code else remote_code_type(path)
-    if mt is not None:
-        raise AdapteditError(
-            f"{ref}: this model needs its own Python code (config.json has auto_map and "
-            f"transformers does not know model_type {mt!r}); pass --trust-remote-code if you "
-            "trust it (init, inspect, extract, modules and eval take it; train and merge never "
-            "run model code)")
-
-
-def check_not_quantized(ref: str, path: Path) -> None:
-    """Refuse a quantized checkpoint (config.json ``quantization_config``: FP8, GPTQ, AWQ,
-    bitsandbytes ...): its stored tensors are not the weights (scales and packing apart), while
-    adaptedit reads each one as W (transformers dequantizes or wraps them when it loads)."""
-    try:
-        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # reported by whoever reads the config
-    q = raw.get("quantization_config") if isinstance(raw, dict) else None
-    if q:
-        method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
-        raise AdapteditError(f"{ref}: a quantized checkpoint (config.json quantization_config, "
-                             f"quant_method {method!r}): its stored tensors are not the weights; "
-                             "use the unquantized model")
 
 
 def _bad_hub_name(repo_id: str) -> str | None:
@@ -387,8 +344,7 @@ def _from_hub(ref: str, trust_remote_code: bool) -> ModelSource:
     path = Path(folder)
     if not (path / "config.json").exists():
         raise AdapteditError(f"{ref}: the hub repository has no config.json")
-    check_remote_code(ref, path, trust_remote_code)
-    check_not_quantized(ref, path)
+    checks.model_folder(ref, path, trust_remote_code)
     src = ModelSource(ref, path, "hub", trust_remote_code)
     src.checkpoint
     return src
