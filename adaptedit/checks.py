@@ -195,8 +195,7 @@ def model_folder(ref: str, path, trust_remote_code: bool) -> None:
             raise AdapteditError(
                 f"{ref}: this model needs its own Python code (config.json has auto_map and "
                 f"transformers does not know model_type {str(mt)!r}); pass --trust-remote-code if "
-                "you trust it (init, inspect, extract, modules and eval take it; train and merge "
-                "never run model code)")
+                "you trust it")
     q = raw.get("quantization_config")
     if q:
         method = q.get("quant_method", "?") if isinstance(q, dict) else "?"

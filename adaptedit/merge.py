@@ -142,11 +142,12 @@ def module_merged(adapter: Adapter, name: str, w: torch.Tensor) -> torch.Tensor 
 
 
 def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
-          opts: MergeOptions | None = None, force: bool = False, progress=None) -> MergeResult:
+          opts: MergeOptions | None = None, force: bool = False, progress=None,
+          trust_remote_code: bool = False) -> MergeResult:
     """Merge ``adapters`` into their base and write the checkpoint folder ``out`` atomically.
 
-    A base that needs its own Python code (auto_map) is refused: the merged folder would need that
-    code too, and merge runs no model code (checks.model_folder)."""
+    A base that needs its own Python code (auto_map) is refused unless ``trust_remote_code``: the
+    verification runs that code, and the merged folder gets a copy of it (checks.model_folder)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     from adaptedit.models import resolve
@@ -158,7 +159,8 @@ def merge(adapters: list[Adapter], out: Path, *, base: str | None = None,
     check_same_base(adapters)
     for ad in adapters:
         checks.adapter_tensors(ad)
-    source = resolve(base) if base else base_for(adapters[0], None)
+    source = (resolve(base, trust_remote_code=trust_remote_code) if base
+              else base_for(adapters[0], None, trust_remote_code=trust_remote_code))
     check_output(out, force, inputs=[a.path for a in adapters] + model_inputs(source))
     ckpt = source.checkpoint
     # key -> [(adapter index, module name, Target)]

@@ -119,14 +119,16 @@ def config_dtype(source: ModelSource, ckpt) -> torch.dtype:
 
 
 def write_side_files(source: ModelSource, tmp: Path, dtype: torch.dtype) -> None:
-    """config.json with the output dtype; generation config and tokenizer files copied verbatim."""
+    """config.json with the output dtype; generation config, tokenizer files and, for a model with
+    its own code (config.json's auto_map), the Python files next to it copied verbatim."""
     cfg = json.loads((source.path / "config.json").read_text())
     name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     cfg["dtype"] = name
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = name
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for fname in ("generation_config.json", *TOKENIZER_FILES):
+    code = sorted(p.name for p in source.path.glob("*.py")) if cfg.get("auto_map") else []
+    for fname in ("generation_config.json", *TOKENIZER_FILES, *code):
         src = source.path / fname
         if src.is_file():
             shutil.copyfile(src, tmp / fname)

@@ -38,7 +38,6 @@ from adaptedit.train_run import (TRAIN_BASE_FIX, Run, prepare,  # noqa: F401 (tr
                                  provenance)
 
 PAD_ID = 0  # padded positions are masked (attention 0, label −100): the id never matters
-# train reads the base the adapter records (it has no --base): the fix is that base, or a new init
 
 
 class Interrupted(Exception):
@@ -107,7 +106,8 @@ def _train(run: Run, reporter=None, *, model=None, stop=None) -> dict:
 
 
 def _load_model(run: Run):
-    source = base_for(run.adapter, None, fix=TRAIN_BASE_FIX)
+    source = base_for(run.adapter, None, fix=TRAIN_BASE_FIX,
+                      trust_remote_code=run.trust_remote_code)
     check_base(run.adapter, source, fix=TRAIN_BASE_FIX)
     return source.load(dtype=run.dtype, device=run.device)
 

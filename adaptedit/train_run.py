@@ -19,15 +19,15 @@ import torch
 from adaptedit import __version__, data, leftovers
 from adaptedit.adapter import CONFIG_NAME, Adapter, save_adapter
 from adaptedit.atomic import check_output
-from adaptedit.binding import base_for
+from adaptedit.binding import base_for, check_base
 from adaptedit.checkpoints import CHECKPOINTS, checkpoint_dirs, last_intact, newest_step
 from adaptedit.devices import Dist, pick_device, pick_dtype
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.formats import load_adapter
 from adaptedit.train_config import LOCKED, PATHS, TrainConfig, method_lr, method_lr_source, same_file
 
-TRAIN_BASE_FIX = ("train uses the base recorded in the adapter: restore that model, or run "
-                  "`adaptedit init` on this one")
+TRAIN_BASE_FIX = ("restore that model or give its copy with --base, or run `adaptedit init` on "
+                  "this one")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Run:
     # the newest checkpoint step in the folder at prepare (above start_step when a damaged newer
     # checkpoint was skipped): train refuses to start if another run saved one since
     newest_step: int | None = None
+    trust_remote_code: bool = False  # the base's own modelling code (--trust-remote-code)
 
     @property
     def examples_per_step(self) -> int:
@@ -83,8 +84,13 @@ class Run:
 
 
 def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
-            out: Path | None = None, resume: bool = False, tokenizer=None) -> Run:
-    """Resolve the run: adapter, output folder, resume state, tokenizer, data, steps, device."""
+            out: Path | None = None, resume: bool = False, tokenizer=None, base: str | None = None,
+            trust_remote_code: bool = False) -> Run:
+    """Resolve the run: adapter, output folder, resume state, tokenizer, data, steps, device.
+
+    ``base`` (--base) replaces the base the adapter records (a moved folder, a local copy of a hub
+    model): its targeted weights must be the ones the adapter was made for, and the adapter then
+    records it, so that later commands (and --resume) find it without --base."""
     dist = Dist()
     given = given if given is not None else set(TrainConfig.names())
     adapter_dir = Path(adapter_dir)
@@ -134,6 +140,8 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
     if adapter.config.source != "adaptedit":
         raise AdapteditError(f"{adapter_dir}: an imported {adapter.config.source} adapter; convert "
                              "it to a native adapter folder before training")
+    if base is not None:
+        rebase(adapter, base, trust_remote_code)
     if dist.main:
         writable = folder
         while not writable.is_dir() and writable != writable.parent:
@@ -142,7 +150,7 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
     device = pick_device(cfg.device, dist)
     dtype = pick_dtype(cfg.dtype, device)
     if tokenizer is None:
-        source = base_for(adapter, None, fix=TRAIN_BASE_FIX)
+        source = base_for(adapter, None, fix=TRAIN_BASE_FIX, trust_remote_code=trust_remote_code)
         tokenizer = source.tokenizer()
     if cfg.chat_template:
         data.set_chat_template(tokenizer, Path(cfg.chat_template))
@@ -167,7 +175,17 @@ def prepare(adapter_dir: Path, cfg: TrainConfig, *, given: set | None = None,
         if dist.main:
             save_adapter(adapter, Path(out), force=False)
     return Run(folder, cfg, adapter, train_data, eval_data, total, warm, lr, device, dtype,
-               dist.world, start, state, state_tensors, newest_step=newest_step(folder))
+               dist.world, start, state, state_tensors, newest_step=newest_step(folder),
+               trust_remote_code=trust_remote_code)
+
+
+def rebase(adapter: Adapter, base: str, trust_remote_code: bool = False) -> None:
+    """Point the adapter (in memory) at ``base`` after checking that its targeted weights are the
+    ones the adapter was made for (the fingerprints recorded at init)."""
+    source = base_for(adapter, base, trust_remote_code=trust_remote_code)
+    check_base(adapter, source, fix="give the base this adapter was made for, or run "
+                                    "`adaptedit init` on this one")
+    adapter.config.base = {"ref": source.ref, "path": str(source.path), "kind": source.kind}
 
 
 def _check_writable(folder: Path) -> None:

@@ -83,8 +83,9 @@ def verify(source: ModelSource, merged_dir: Path, dtype: torch.dtype, prepare_re
     del ref
     cls = source.model_class()
     try:
+        kwargs = {"trust_remote_code": True} if source.trust_remote_code else {}
         merged, info = cls.from_pretrained(merged_dir, dtype=dtype, output_loading_info=True,
-                                           use_safetensors=True)
+                                           use_safetensors=True, **kwargs)
     except Exception as e:
         raise AdapteditError(f"verification: transformers cannot load the merged model "
                              f"({str(e).splitlines()[0][:200]})") from None

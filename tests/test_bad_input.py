@@ -209,11 +209,13 @@ CASES = {
         r"\); pass --trust-remote-code", None),
     "train_remote_code": lambda ad, base, root: (
         _train(_on_remote_base(ad, base, root), _data(root)), 1,
-        r"remote: this model needs its own Python code.*train and merge never run model code",
+        r"remote: this model needs its own Python code.*; pass --trust-remote-code if you "
+        r"trust it$",
         None),
     "merge_remote_code": lambda ad, base, root: (
         ["merge", str(_on_remote_base(ad, base, root)), "-o", str(root / "out")], 1,
-        r"remote: this model needs its own Python code.*train and merge never run model code",
+        r"remote: this model needs its own Python code.*; pass --trust-remote-code if you "
+        r"trust it$",
         None),
     # misleading hints (item 18)
     "hub_id_dot_dot": lambda ad, base, root: (
@@ -245,27 +247,87 @@ def test_bad_input_is_refused_in_one_line(case, adapter, tiny_llama, tmp_path):
     assert _snapshot(tiny_llama) == base_before
 
 
-def test_merge_takes_no_trust_remote_code(adapter, tmp_path):
-    """merge never runs model code, so it offers no flag it would ignore (item 12)."""
-    rc, _, err = run_cli(["merge", str(adapter), "-o", str(tmp_path / "out"),
-                          "--trust-remote-code"])
-    assert rc == 2 and "No such option: --trust-remote-code" in err
-    assert not (tmp_path / "out").exists()
+def _runnable_remote_base(base: Path, root: Path) -> Path:
+    """:func:`_remote_code_base` with its code: a Llama subclass under a model_type of its own."""
+    folder = _remote_code_base(base, root)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["TinyForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n"
+        "    model_type = 'tiny-remote'\n")
+    (folder / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n"
+        "\n\nclass TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n")
+    return folder
 
 
-def test_train_on_a_changed_base_names_no_missing_option(tiny_llama, tmp_path):
-    """train has no --base: its hint names what to do instead (item 18)."""
+def test_a_model_with_its_own_code_trains_and_merges_with_the_flag(tiny_llama, tmp_path):
+    """--trust-remote-code is taken by every command that loads such a model: init, train, merge
+    (whose verification runs the code and whose output carries it: transformers loads the merged
+    folder as the model's own class)."""
+    import transformers
+
+    remote = _runnable_remote_base(tiny_llama, tmp_path)
+    ad, merged = tmp_path / "ad", tmp_path / "m"
+    rc, _, err = run_cli(["init", str(remote), "-o", str(ad), "--rank", "2", "--trust-remote-code"])
+    assert rc == 0, err
+    rc, _, err = run_cli(_train(ad, _data(tmp_path), "--steps", "2", "--trust-remote-code"))
+    assert rc == 0, err
+    rc, out, err = run_cli(["merge", str(ad), "-o", str(merged), "--json", "--trust-remote-code"])
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["verified"] and result["max_abs_logit_diff"] <= result["tolerance"]
+    for name in ("configuration_tiny.py", "modeling_tiny.py"):
+        assert (merged / name).read_bytes() == (remote / name).read_bytes()
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged, trust_remote_code=True)
+    assert type(model).__name__ == "TinyForCausalLM"
+    w = load_file(str(merged / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight.data, w)
+
+
+def test_train_on_a_changed_base_names_the_fix(tiny_llama, tmp_path):
+    """The base's weights changed under the adapter: refused in one line naming the fix, with or
+    without --base pointing at the changed folder (item 18)."""
     base = tmp_path / "base"
     shutil.copytree(tiny_llama, base)
     folder = make_adapter(base, tmp_path / "ad")
     fixtures.make_tiny_llama(base, seed=1)  # same shapes, other weights, same path
     data = _data(tmp_path)
     before = _snapshot(tmp_path)
-    rc, _, err = run_cli(_train(folder, data))
-    assert rc == 1
-    assert "was made for base" in err and "--base" not in err
-    assert "restore that model, or run `adaptedit init` on this one" in err
-    assert _snapshot(tmp_path) == before
+    for extra in ([], ["--base", str(base)]):
+        rc, _, err = run_cli(_train(folder, data, *extra))
+        assert rc == 1 and len(err.strip().splitlines()) == 1, err
+        assert "was made for base" in err and "differs" in err, err
+        assert "run `adaptedit init` on this one" in err
+        assert _snapshot(tmp_path) == before
+
+
+def test_train_on_a_moved_base_with_base(tiny_llama, tmp_path):
+    """train --base: the moved base folder is used, the trained adapter records it, and later
+    commands (merge, train again) find it without --base; its tokens match a run on the original."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    folder = make_adapter(base, tmp_path / "ad")
+    reference = tmp_path / "ref"
+    shutil.copytree(folder, reference)
+    data = _data(tmp_path)
+    assert run_cli(_train(reference, data, "--steps", "2"))[0] == 0  # on the recorded base
+    moved = tmp_path / "moved"
+    shutil.move(base, moved)
+    rc, _, err = run_cli(_train(folder, data, "--steps", "2", "--base", str(moved)))
+    assert rc == 0, err
+    config = json.loads((folder / "adaptedit.json").read_text())
+    assert config["base"]["path"] == str(moved) and config["base"]["kind"] == "folder"
+    ours, ref = load_file(str(folder / "adapter.safetensors")), \
+        load_file(str(reference / "adapter.safetensors"))
+    assert ours.keys() == ref.keys()
+    for k in ours:  # same base weights, data and seed: the same trained tensors
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0)
+    rc, _, err = run_cli(["merge", str(folder), "-o", str(tmp_path / "m")])
+    assert rc == 0, err
+    rc, _, err = run_cli(_train(folder, data, "-o", str(tmp_path / "more")))  # no --base
+    assert rc == 0, err
 
 
 # ----------------------------------------------------------------------- valid files accepted
@@ -358,8 +420,8 @@ def test_config_shapes_equal_the_meta_model_per_family(case, tmp_path):
 
 @pytest.mark.parametrize("command", ["eval", "train", "merge"])
 def test_a_moved_base_is_named_with_the_fix(command, tiny_llama, tmp_path):
-    """The base folder an adapter records is gone: one line naming it and what to do (eval and
-    merge take --base; train has none), not "no such file or folder" about a bare name."""
+    """The base folder an adapter records is gone: one line naming it and what to do (--base), not
+    "no such file or folder" about a bare name."""
     base = tmp_path / "base"
     shutil.copytree(tiny_llama, base)
     folder = make_adapter(base, tmp_path / "ad")
@@ -372,10 +434,10 @@ def test_a_moved_base_is_named_with_the_fix(command, tiny_llama, tmp_path):
     rc, _, err = run_cli(args)
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert f"its base model folder {base} (recorded at init) is not there any more" in err
-    assert ("--base" in err) == (command != "train")
+    assert "--base" in err
     assert _snapshot(tmp_path) == before
     rc, _, err = run_cli(args[:2] + ["--base", str(tmp_path / "moved")] + args[2:])
-    assert (rc == 0) == (command != "train"), err  # eval and merge run on the given base
+    assert rc == 0, err  # each runs on the given base
 
 
 @pytest.mark.parametrize("command", ["modules", "init"])

@@ -38,6 +38,7 @@ def merge(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB (shards are written tensor by tensor: memory does not depend on it)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare logits of base+adapter and the merged model (default on when it fits in memory)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model folder."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a base that needs its own Python code: its code runs in the verification and is copied with the merged model (off by default)."),
     force: bool = FORCE,
     json_: bool = JSON,
     quiet: bool = QUIET,
@@ -53,7 +54,8 @@ def merge(
                         seed=seed, dtype=dtype, max_shard_size=max_shard_size, verify=verify)
     loaded = [load_adapter(a) for a in adapters]
     with console.progress(bytes_mode=True) as bar:
-        result = do_merge(loaded, out, base=base, opts=opts, force=force, progress=bar)
+        result = do_merge(loaded, out, base=base, opts=opts, force=force, progress=bar,
+                          trust_remote_code=trust_remote_code)
     for n in result.notes:
         console.note(n)
     if json_:

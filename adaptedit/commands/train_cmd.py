@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from adaptedit import console
-from adaptedit.commands.common import JSON, QUIET
+from adaptedit.commands.common import JSON, QUIET, TRUST
 
 
 def register(app: typer.Typer) -> None:
@@ -48,6 +48,8 @@ def train(
     show_example: bool = typer.Option(False, "--show-example", help="Print one tokenized example (trained tokens highlighted) and exit."),
     out: Path = typer.Option(None, "--out", "-o", help="Train a copy into this new folder."),
     chat_template: str = typer.Option(None, "--chat-template", help="Jinja chat template file for 'messages' rows."),
+    base: str = typer.Option(None, "--base", help="Base model, when not where the adapter records it (a moved folder, a local copy); its weights must match. The trained adapter records it."),
+    trust_remote_code: bool = TRUST,
     skip_bad_rows: bool = typer.Option(None, "--skip-bad-rows", help="Skip malformed rows (and count them) instead of stopping."),
     json_: bool = JSON,
     quiet: bool = QUIET,
@@ -66,9 +68,10 @@ def train(
                seed=seed, chat_template=chat_template, skip_bad_rows=skip_bad_rows)
     cfg, given = make_config(cli, config, resume=resume)  # --resume takes the rest from the run
     if show_example:
-        _show_example(adapter_dir, cfg, json_)
+        _show_example(adapter_dir, cfg, json_, base, trust_remote_code)
         return
-    run = training.prepare(adapter_dir, cfg, given=given, out=out, resume=resume)
+    run = training.prepare(adapter_dir, cfg, given=given, out=out, resume=resume, base=base,
+                           trust_remote_code=trust_remote_code)
     dist = Dist()
     if quiet or json_ or not dist.main:
         reporter = Reporter(live=False, verbose=False)
@@ -214,14 +217,14 @@ class Reporter:
             self.live = None
 
 
-def _show_example(adapter_dir: Path, cfg, json_: bool) -> None:
+def _show_example(adapter_dir: Path, cfg, json_: bool, base, trust_remote_code: bool) -> None:
     from adaptedit import data
     from adaptedit.binding import base_for
     from adaptedit.formats import load_adapter
     from adaptedit.train_run import TRAIN_BASE_FIX
 
     adapter = load_adapter(adapter_dir)
-    tok = base_for(adapter, None, fix=TRAIN_BASE_FIX).tokenizer()
+    tok = base_for(adapter, base, fix=TRAIN_BASE_FIX, trust_remote_code=trust_remote_code).tokenizer()
     if cfg.chat_template:
         data.set_chat_template(tok, Path(cfg.chat_template))
     example = data.load(Path(cfg.data), tok, max_length=cfg.max_length,
