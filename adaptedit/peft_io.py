@@ -239,6 +239,12 @@ def _import_lora(src: PeftFolder) -> Adapter:
         src.refuse("alora_invocation_tokens", "an activated LoRA (aLoRA) changes only the tokens "
                    "from its invocation sequence on, so it has no weight update to merge (PEFT "
                    "refuses to merge it too) and read as plain LoRA it would change every token")
+    if cfg.get("layer_replication"):
+        src.refuse("layer_replication", "PEFT builds a deeper model from repeated base layers, so "
+                   "the adapter's layer indices are not the base's; adaptedit adapts the base's "
+                   "own layers")
+    if cfg.get("use_bdlora"):
+        src.refuse("use_bdlora", "block-diagonal LoRA factors (BD-LoRA) are not supported")
     init_value = cfg.get("init_lora_weights")
     if peft_init_rewrites_base(init_value):
         raise AdapteditError(

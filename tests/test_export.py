@@ -207,3 +207,31 @@ def test_export_loads_with_auto_peft_model(tiny_llama, tmp_path):
     for auto in (AutoPeftModel, AutoPeftModelForCausalLM):
         model = auto.from_pretrained(str(tmp_path / "p"), dtype=torch.float32)
         assert (logits(model.eval()) - ref).abs().max() <= 1e-5, auto.__name__
+
+
+def test_import_refuses_layer_replication(tiny_llama, tmp_path):
+    """PEFT's ``layer_replication`` builds a deeper model from repeated base layers ([[0, 1], [0, 1]]:
+    two copies of layer 0), so the adapter's layer 1 is a copy of base layer 0. Read as a plain
+    LoRA its factors went onto base layer 1: merged weights off PEFT's merge_and_unload by 0.28.
+    It is refused in one line naming the key."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                     layer_replication=[[0, 1], [0, 1]])
+    model = get_peft_model(resolve(str(tiny_llama)).load(dtype=torch.float32), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "p")
+    expect = PeftModel.from_pretrained(resolve(str(tiny_llama)).load(dtype=torch.float32),
+                                       tmp_path / "p").merge_and_unload().state_dict()
+    code, _, err = run_cli(["merge", str(tmp_path / "p"), "--base", str(tiny_llama), "-o",
+                            str(tmp_path / "m"), "--no-verify", "-q"])
+    if code == 0:  # accepted: it must then give PEFT's weights
+        got = load_file(str(tmp_path / "m" / "model.safetensors"))
+        assert max(float((got[k] - expect[k]).abs().max()) for k in got) <= 1e-6
+    assert code == 1 and "layer_replication" in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
