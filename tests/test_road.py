@@ -56,6 +56,36 @@ def test_group_size_and_merged_reference(tiny_llama):
         assert (ad.merged(name, w).double() - ref).abs().max() <= 1e-6 * ref.abs().max()
 
 
+def test_a_given_group_size_is_used_and_exported(tiny_llama, tmp_path):
+    """--group-size 8 (PEFT's group_size) was overwritten by the default (16 here): now it pairs
+    k with k + 4 in each group of 8, merges to the float64 reference and exports to PEFT's logits."""
+    code, _, err = run_cli(["init", str(tiny_llama), "-m", "road", "--group-size", "8",
+                            "-o", str(tmp_path / "ad"), "-q"])
+    assert code == 0, err
+    ad = load_adapter(tmp_path / "ad")
+    assert ad.config.init["group_size"] == 8
+    _trained(ad)
+    src = resolve(str(tiny_llama))
+    for name in ad.names:
+        assert int(ad.tensors[name]["road_group"]) == 8
+        w = src.checkpoint.get(ad.config.modules[name].key).float()
+        ref = _reference_w(w, ad.tensors[name])
+        assert (ad.merged(name, w).double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+    export_peft(ad, tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["group_size"] == 8
+    ours = logits(attach(src.load(dtype=torch.float32), ad))
+    assert (_peft_logits(tiny_llama, tmp_path / "p", torch.float32) - ours).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("size", ["6", "3", "0", "128"])
+def test_a_group_size_that_does_not_fit_is_refused(size, tiny_llama, tmp_path):
+    code, _, err = run_cli(["init", str(tiny_llama), "-m", "road", "--group-size", size,
+                            "-o", str(tmp_path / "ad")])
+    assert code == 1 and err.startswith(f"error: --group-size {size}: RoAd pairs output"), err
+    assert "choose an even divisor of 16" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ad").exists()
+
+
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_identity_at_init_bit_exact(fixture, dtype, request):

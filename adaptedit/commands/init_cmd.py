@@ -40,6 +40,7 @@ def init(
     seed: int = typer.Option(0, "--seed", help="Seed for random init and randomized SVD."),
     delora_lambda: float = typer.Option(15.0, "--delora-lambda", help="DeLoRA's initial strength λ."),
     block_size: int = typer.Option(None, "--block-size", help="OFT/BOFT: size b of each rotated block (default PEFT's: OFT 32, BOFT 4; or the largest size that fits every targeted module)."),
+    group_size: int = typer.Option(None, "--group-size", help="RoAd: outputs per group, paired k with k + g/2 (PEFT's group_size; default 64, or the largest even size that divides every targeted module)."),
     butterfly_factors: int = typer.Option(None, "--butterfly-factors", help="BOFT: number m of butterfly factors (PEFT's boft_n_butterfly_factor; default 2; 1 is OFT with an output scale)."),
     coft_eps: float = typer.Option(None, "--coft-eps", help="OFT: constrained variant (COFT), ‖Q‖ ≤ ε/√blocks per block."),
     hra_lambda: float = typer.Option(None, "--hra-lambda", help="HRA: weight λ of the orthogonality regulariser λ‖I − ÛᵀÛ‖² added to the training loss."),
@@ -64,7 +65,8 @@ def init(
                                                   ("svft_pattern", svft_pattern),
                                                   ("svft_off_diagonals", svft_off_diagonals),
                                                   ("svft_random_k", svft_random_k),
-                                                  ("butterfly_factors", butterfly_factors))
+                                                  ("butterfly_factors", butterfly_factors),
+                                                  ("group_size", group_size))
                                 if v is not None})
     check_rank_applies(opts)  # before the model is read
     check_output(out, force, inputs=[model])

@@ -12,8 +12,10 @@ rotation-and-scale of output pairs per channel pair.
 Liao & Monz, "2D Rotary Adaptation: Efficient Fine-Tuning, Efficient Batching and
 Composability", 2024, arXiv:2409.00119.
 
-- g: PEFT's 64, lowered to the largest even size ≤ 64 dividing every targeted module's output
-  width (recorded in adaptedit.json and per module as ``road_group``); refused when none exists.
+- g: ``group_size`` when given (even, dividing every targeted module's output width, else refused);
+  by default PEFT's 64, lowered to the largest even size ≤ 64 dividing every targeted module's
+  output width (recorded in adaptedit.json and per module as ``road_group``); refused when none
+  exists.
 - The bias is not rotated (W' = R W is the whole update, so merge is exact). PEFT rotates the
   output including the bias and supports ``nn.Linear`` only: an adapter with a biased module or a
   GPT-2 Conv1D module has no exact PEFT form and its export is refused (it merges).
@@ -53,6 +55,13 @@ def plan(targets, ranks: dict, options: dict, rank_given: bool) -> tuple[dict, d
     g = 0
     for t in targets:
         g = math.gcd(g, t.out_features)
+    given = options.get("group_size")
+    if given is not None:
+        if not (isinstance(given, int) and given >= 2 and given % 2 == 0 and g % given == 0):
+            raise AdapteditError(f"--group-size {given}: RoAd pairs output channels in groups of an "
+                                 f"even size that divides every targeted module's output width "
+                                 f"(their gcd is {g}); choose an even divisor of {g}")
+        return {n: 1 for n in ranks}, {**options, "group_size": given}
     sizes = [s for s in range(2, min(PEFT_GROUP, g) + 1, 2) if g % s == 0]
     if not sizes:
         raise AdapteditError(f"RoAd pairs output channels in groups of an even size that divides "
