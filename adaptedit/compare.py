@@ -336,15 +336,19 @@ class CompareResults:
 
 
 def check_data(opts: CompareOptions, source) -> None:
-    """Read and tokenize the training, eval and retain files as every run will (their first bad
-    row or missing file is an error now, not when the first run starts)."""
+    """Read and tokenize the training, eval, retain and test files as every run will (their first
+    bad row or missing file is an error now, not when the first run starts or has trained)."""
     from adaptedit import data
+    from adaptedit.evaluate import items
 
-    tokenizer = None
+    tokenizer = source.tokenizer()
     for path in (opts.data, opts.eval_data, opts.retain_data):
         if path:
-            tokenizer = tokenizer or source.tokenizer()
             data.load(Path(path), tokenizer, max_length=opts.max_length)
+    if opts.test_data:  # the rows eval reads: the loss's, then the generation prompts'
+        data.load(Path(opts.test_data), tokenizer, max_length=opts.max_length,
+                  max_rows=opts.test_limit)
+        items(Path(opts.test_data), tokenizer, opts.test_limit)
 
 
 def compare(opts: CompareOptions, *, out: Path, resume: bool = False, progress=None,

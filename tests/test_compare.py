@@ -324,18 +324,20 @@ def test_shared_svd_computes_once_and_equals_the_plain_svd(monkeypatch):
     assert len(calls) == 3 + 1 + 3  # the reference above, and outside the block nothing is kept
 
 
-@pytest.mark.parametrize("which", ["--data", "--eval-data"])
+@pytest.mark.parametrize("which", ["--data", "--eval-data", "--test-data"])
 def test_a_bad_data_row_is_refused_before_the_folder_exists(tiny_llama, data, tmp_path, which):
     """The rows are checked before -o is created: after fixing the file, the same -o works (it
-    used to fail inside the first run, leaving -o behind and --resume refusing the changed file)."""
+    used to fail inside the first run, leaving -o behind and --resume refusing the changed file;
+    a bad --test-data row failed after the first run had trained)."""
     bad = tmp_path / "bad.jsonl"
     good = (data / "train.jsonl").read_text().splitlines()
     bad.write_text("\n".join(good[:2] + ['{"prompt": "a"}'] + good[2:]) + "\n")
-    files = {"--data": str(data / "train.jsonl"), "--eval-data": str(data / "valid.jsonl")}
+    files = {"--data": str(data / "train.jsonl"), "--eval-data": str(data / "valid.jsonl"),
+             "--test-data": str(data / "test.jsonl")}
     files[which] = str(bad)
     out = tmp_path / "c"
-    code, _, err = run_cli(["compare", str(tiny_llama), "--data", files["--data"], "--eval-data",
-                            files["--eval-data"], "--methods", "lora", "--steps", "1", "-o",
-                            str(out)])
+    code, _, err = run_cli(["compare", str(tiny_llama), *(x for k, v in files.items()
+                                                          for x in (k, v)),
+                            "--methods", "lora", "--steps", "1", "-o", str(out)])
     assert code == 1 and err.startswith(f"error: {bad}:3: has 'prompt' but no 'completion'"), err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
