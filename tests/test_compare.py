@@ -341,3 +341,21 @@ def test_a_bad_data_row_is_refused_before_the_folder_exists(tiny_llama, data, tm
                             "--methods", "lora", "--steps", "1", "-o", str(out)])
     assert code == 1 and err.startswith(f"error: {bad}:3: has 'prompt' but no 'completion'"), err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_runs_train_on_the_device_compare_loaded_the_base_on(tiny_llama, data, tmp_path,
+                                                            monkeypatch):
+    """--device reaches train as well as init and eval: the base is loaded once on --device and the
+    runs train it there (train used its own default, auto, so on a GPU machine --device cpu put
+    the batches on the GPU and the model on the CPU)."""
+    from adaptedit import train as training
+    from adaptedit.compare import compare
+
+    seen = []
+    real = training.prepare
+    monkeypatch.setattr(training, "prepare",
+                        lambda folder, cfg, **kw: seen.append(cfg.device) or real(folder, cfg, **kw))
+    compare(CompareOptions(data=str(data / "train.jsonl"), eval_data=str(data / "valid.jsonl"),
+                           model=str(tiny_llama), methods=["lora"], steps=1, batch_size=4,
+                           device="cpu"), out=tmp_path / "c")
+    assert seen == ["cpu"]
