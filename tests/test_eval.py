@@ -173,6 +173,10 @@ def test_cli_json_answers_retain_and_errors(trained, tmp_path):
     assert code == 1 and "none.jsonl" in err and "no such file" in err
     code, _, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--limit", "0"])
     assert code == 2 and "--limit" in err
+    code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--no-generate",
+                              "--max-new-tokens", "3"])  # refused, not silently ignored
+    assert code == 2 and err.startswith("error: --max-new-tokens") and not out
+    assert len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["eval", resolve_ref(d), "--base", "x/y", "--data", str(pc)])
     assert code == 2 and "--base" in err
 
