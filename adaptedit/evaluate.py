@@ -158,11 +158,12 @@ def items(path: Path, tokenizer, limit: int | None) -> list[Item]:
         if answer is not None and not isinstance(answer, (str, int, float)):
             raise AdapteditError(f"{path}:{line}: 'answer' must be a string or a number")
         if fmt == "text":
-            out.append(Item(row["text"], None if answer is None else str(answer), True))
+            out.append(_scorable(Item(row["text"], None if answer is None else str(answer), True),
+                                 path, line))
             continue
         if fmt == "prompt-completion":
             ref = row["completion"] if answer is None else str(answer)
-            out.append(Item(row["prompt"], ref, True))
+            out.append(_scorable(Item(row["prompt"], ref, True), path, line))
             continue
         msgs = row["messages"]
         ref = str(answer) if answer is not None else None
@@ -178,8 +179,17 @@ def items(path: Path, tokenizer, limit: int | None) -> list[Item]:
             raise AdapteditError(f"{path}:{line}: the chat template cannot render these messages "
                                  f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
                                  ) from None
-        out.append(Item(prompt, ref, False))
+        out.append(_scorable(Item(prompt, ref, False), path, line))
     return out
+
+
+def _scorable(item: Item, path: Path, line: int) -> Item:
+    """Refuse an empty reference answer: an empty generation (an immediate EOS) would match it."""
+    if item.reference is not None and not extract_answer(item.reference):
+        raise AdapteditError(f"{path}:{line}: the reference answer is empty ('answer', the "
+                             "completion or the last assistant message, or its text after ####); "
+                             "an empty generation would count as correct: give the answer")
+    return item
 
 
 _TURN = "\u2063adaptedit-answer\u2063"  # an assistant turn's content, to find what follows it

@@ -267,3 +267,22 @@ def test_generation_stops_where_train_ends_an_answer(tiny_llama, chat):
         prompt = "What is 40 plus 2?"
     [text] = generate(model, tok, [Item(prompt, "42", not chat)], 8, torch.device("cpu"))
     assert text == "42" and score(text, "42") == (True, False)
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "Q: x?", "completion": " y", "answer": ""},   # e.g. an empty CSV answer cell
+    {"prompt": "Q: x?", "completion": " so ####"},
+    {"messages": [{"role": "user", "content": "x?"}, {"role": "assistant", "content": " "}]},
+])
+def test_an_empty_reference_answer_is_refused(trained, tmp_path, row):
+    """An empty reference was scored, and matched an empty generation (a model that stops at once
+    had 100% on such rows); now it is one line naming file and line."""
+    d, _ = trained
+    f = tmp_path / "e.jsonl"
+    good = {k: v for k, v in row.items() if k != "answer"} if "answer" in row else \
+        {"prompt": "Q: 1+1?", "completion": " 2"} if "prompt" in row else rows(1, 0)[0]
+    f.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    assert score("", extract_answer(row.get("answer", "####"))) == (True, False)  # why it matters
+    code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(f), "--max-new-tokens", "2"])
+    assert code == 1 and err.startswith(f"error: {f}:2: the reference answer is empty"), err
+    assert len(err.strip().splitlines()) == 1
