@@ -231,6 +231,7 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
     """All runs, validated against the model (ranks, targets) and train's option checks.
 
     Returns (runs, per-method info {spec: {rank, params, lrs}})."""
+    from adaptedit.init import check as check_init
     from adaptedit.init import plan as plan_targets
     from adaptedit.init import targets_spec
     from adaptedit.targets import select
@@ -255,6 +256,8 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
                    "method": name, "dora": flags.get("dora", False), "device": opts.device}
         init_kw.setdefault("options", {})
         probe = InitOptions(**{**init_kw, "seed": 0})
+        for seed in opts.seeds:  # init's own checks (seed, device, alpha, svd...): before any run
+            check_init(InitOptions(**{**init_kw, "seed": seed}))
         matched = (opts.budget == "params" and target is not None and method.RANKED
                    and "rank" not in extra and not init_kw["options"].keys() & RANK_OPTIONS)
         if matched:  # the rank is chosen here: only the targets are needed (unknown: refused)

@@ -213,6 +213,13 @@ def test_resume_after_sigkill_equals_uninterrupted(done, tiny_llama, data, tmp_p
     (["--budget", "flops"], "--budget"),
     (["--jobs", "99"], "--jobs"),
     (["--seeds", "1,1"], "--seeds"),
+    # init's own checks: they ran in the first run, after -o was written
+    (["--seeds", "1,-1"], "--seed -1"),
+    (["--device", "tpu"], "--device"),
+    (["--alpha", "-1"], "--alpha"),
+    (["--svd", "exact"], "--svd"),
+    (["--method-option", "lora:niter=-1"], "--niter"),
+    (["--methods", "lora,hra", "--alpha", "8"], "--alpha does not apply to hra"),
 ])
 def test_bad_input_refused_before_training(tiny_llama, data, tmp_path, extra, message):
     out = tmp_path / "bad"
