@@ -14,8 +14,8 @@ else the last assistant message (chat rows) or the ``completion``. The prompt is
 in training (chat rows: the messages before the last assistant turn through the chat template with
 the generation prompt; prompt/completion rows: the prompt string with the tokenizer's special
 tokens), left-padded in batches, and decoded greedily up to the model's EOS or the token train
-puts after an answer (the tokenizer's EOS; for chat rows the template's end-of-turn). Scoring follows lm-evaluation-harness's two
-GSM8K filters:
+puts after an answer (the tokenizer's EOS; for chat rows the template's end-of-turn). Scoring
+follows lm-evaluation-harness's two GSM8K filters:
 
     answer  = text after the last "####" of the reference, else the whole reference (stripped)
     strict  = first line of the generation's text after its last "####" == answer
@@ -196,8 +196,8 @@ _TURN = "\u2063adaptedit-answer\u2063"  # an assistant turn's content, to find w
 
 
 def stop_ids(model, tokenizer, chat: bool) -> list[int]:
-    """The tokens that end a generation: the model's EOS, and the token train puts after an answer
-    — the tokenizer's EOS (prompt/completion rows) or, for chat rows, the special token that closes
+    """The tokens that end a generation: the model's EOS, and the token train puts after an answer:
+    the tokenizer's EOS (prompt/completion rows) or, for chat rows, the special token that closes
     an assistant turn in the chat template (<|im_end|>, <|eot_id|>...), which a base model's EOS
     need not be."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
