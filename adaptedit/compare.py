@@ -231,6 +231,7 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
     """All runs, validated against the model (ranks, targets) and train's option checks.
 
     Returns (runs, per-method info {spec: {rank, params, lrs}})."""
+    from adaptedit.init import check as check_init
     from adaptedit.init import plan as plan_targets
     from adaptedit.init import targets_spec
     from adaptedit.targets import select
@@ -255,6 +256,8 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
                    "method": name, "dora": flags.get("dora", False), "device": opts.device}
         init_kw.setdefault("options", {})
         probe = InitOptions(**{**init_kw, "seed": 0})
+        for seed in opts.seeds:  # init's own checks (seed, device, alpha, svd...): before any run
+            check_init(InitOptions(**{**init_kw, "seed": seed}))
         matched = (opts.budget == "params" and target is not None and method.RANKED
                    and "rank" not in extra and not init_kw["options"].keys() & RANK_OPTIONS)
         if matched:  # the rank is chosen here: only the targets are needed (unknown: refused)
@@ -336,15 +339,19 @@ class CompareResults:
 
 
 def check_data(opts: CompareOptions, source) -> None:
-    """Read and tokenize the training, eval and retain files as every run will (their first bad
-    row or missing file is an error now, not when the first run starts)."""
+    """Read and tokenize the training, eval, retain and test files as every run will (their first
+    bad row or missing file is an error now, not when the first run starts or has trained)."""
     from adaptedit import data
+    from adaptedit.evaluate import items
 
-    tokenizer = None
+    tokenizer = source.tokenizer()
     for path in (opts.data, opts.eval_data, opts.retain_data):
         if path:
-            tokenizer = tokenizer or source.tokenizer()
             data.load(Path(path), tokenizer, max_length=opts.max_length)
+    if opts.test_data:  # the rows eval reads: the loss's, then the generation prompts'
+        data.load(Path(opts.test_data), tokenizer, max_length=opts.max_length,
+                  max_rows=opts.test_limit)
+        items(Path(opts.test_data), tokenizer, opts.test_limit)
 
 
 def compare(opts: CompareOptions, *, out: Path, resume: bool = False, progress=None,

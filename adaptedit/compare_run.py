@@ -123,7 +123,8 @@ class Runner:
         resume = bool(checkpoint_dirs(folder, with_state=True))
         if folder.exists() and not resume:
             clear_run(folder)  # killed before its first checkpoint: start it again
-        cfg, given = make_config(dict(spec.train), resume=resume)
+        # train on the device the base was loaded on (--device may change on --resume)
+        cfg, given = make_config({**spec.train, "device": self.opts.device}, resume=resume)
         finished = False
         if resume:
             state = read_state(checkpoint_dirs(folder, with_state=True)[-1])

@@ -13,8 +13,9 @@ Exact match (rows with a reference answer). The reference is the row's ``answer`
 else the last assistant message (chat rows) or the ``completion``. The prompt is rendered exactly as
 in training (chat rows: the messages before the last assistant turn through the chat template with
 the generation prompt; prompt/completion rows: the prompt string with the tokenizer's special
-tokens), left-padded in batches, and decoded greedily. Scoring follows lm-evaluation-harness's two
-GSM8K filters:
+tokens), left-padded in batches, and decoded greedily up to the model's EOS or the token train
+puts after an answer (the tokenizer's EOS; for chat rows the template's end-of-turn). Scoring
+follows lm-evaluation-harness's two GSM8K filters:
 
     answer  = text after the last "####" of the reference, else the whole reference (stripped)
     strict  = first line of the generation's text after its last "####" == answer
@@ -157,11 +158,12 @@ def items(path: Path, tokenizer, limit: int | None) -> list[Item]:
         if answer is not None and not isinstance(answer, (str, int, float)):
             raise AdapteditError(f"{path}:{line}: 'answer' must be a string or a number")
         if fmt == "text":
-            out.append(Item(row["text"], None if answer is None else str(answer), True))
+            out.append(_scorable(Item(row["text"], None if answer is None else str(answer), True),
+                                 path, line))
             continue
         if fmt == "prompt-completion":
             ref = row["completion"] if answer is None else str(answer)
-            out.append(Item(row["prompt"], ref, True))
+            out.append(_scorable(Item(row["prompt"], ref, True), path, line))
             continue
         msgs = row["messages"]
         ref = str(answer) if answer is not None else None
@@ -177,12 +179,48 @@ def items(path: Path, tokenizer, limit: int | None) -> list[Item]:
             raise AdapteditError(f"{path}:{line}: the chat template cannot render these messages "
                                  f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
                                  ) from None
-        out.append(Item(prompt, ref, False))
+        out.append(_scorable(Item(prompt, ref, False), path, line))
     return out
 
 
+def _scorable(item: Item, path: Path, line: int) -> Item:
+    """Refuse an empty reference answer: an empty generation (an immediate EOS) would match it."""
+    if item.reference is not None and not extract_answer(item.reference):
+        raise AdapteditError(f"{path}:{line}: the reference answer is empty ('answer', the "
+                             "completion or the last assistant message, or its text after ####); "
+                             "an empty generation would count as correct: give the answer")
+    return item
+
+
+_TURN = "\u2063adaptedit-answer\u2063"  # an assistant turn's content, to find what follows it
+
+
+def stop_ids(model, tokenizer, chat: bool) -> list[int]:
+    """The tokens that end a generation: the model's EOS, and the token train puts after an answer:
+    the tokenizer's EOS (prompt/completion rows) or, for chat rows, the special token that closes
+    an assistant turn in the chat template (<|im_end|>, <|eot_id|>...), which a base model's EOS
+    need not be."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if chat:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
+                                                  {"role": "assistant", "content": _TURN}],
+                                                 tokenize=False)
+        except Exception:  # a template that wants other turns: the EOS ids only
+            text = ""
+        after = tokenizer(text.split(_TURN, 1)[1], add_special_tokens=False)["input_ids"] \
+            if _TURN in text else []
+        if after and tokenizer.decode(after[:1], skip_special_tokens=True) == "":
+            ids.add(after[0])  # a special token, not text such as "\n"
+    return sorted(ids)
+
+
 def generate(model, tokenizer, batch: list[Item], max_new_tokens: int, device) -> list[str]:
-    """Greedy continuations of ``batch`` (left padding, so every prompt ends at the same column)."""
+    """Greedy continuations of ``batch`` (left padding, so every prompt ends at the same column),
+    each ending at the first of :func:`stop_ids`."""
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -197,7 +235,8 @@ def generate(model, tokenizer, batch: list[Item], max_new_tokens: int, device) -
     enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             temperature=None, top_p=None, top_k=None, pad_token_id=pad_id)
+                             temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
+                             eos_token_id=stop_ids(model, tokenizer, not batch[0].special))
     new = out[:, enc["input_ids"].shape[1]:]
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
 

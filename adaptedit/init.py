@@ -143,8 +143,8 @@ def scaling_for(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
-    """Compute θ₀ for every target and return the (untrained) adapter."""
+def check(opts: InitOptions):
+    """The checks of ``opts`` that need no model (one-line errors); returns (method, device)."""
     method = methods.resolve(opts.method, opts.dora)  # refuses DoRA where it is not defined
     if opts.svd not in ("auto", "full", "randomized"):
         raise UsageError(f"--svd {opts.svd!r}: use full, randomized (or auto)")
@@ -161,6 +161,12 @@ def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
     if not method.SCALED and (opts.alpha is not None or opts.rslora):
         flag = "--alpha" if opts.alpha is not None else "--rslora"
         raise UsageError(f"{flag} does not apply to {opts.method} (no scaling α/r); drop {flag}")
+    return method, device
+
+
+def build(source: ModelSource, opts: InitOptions, progress=None) -> Adapter:
+    """Compute θ₀ for every target and return the (untrained) adapter."""
+    method, device = check(opts)
     targets, ranks, options = plan_options(source, opts)
     # the global rank (α's default follows it): --rank, else the method's default rank, which
     # --rank-pattern leaves unchanged for the modules it does not match

@@ -213,6 +213,13 @@ def test_resume_after_sigkill_equals_uninterrupted(done, tiny_llama, data, tmp_p
     (["--budget", "flops"], "--budget"),
     (["--jobs", "99"], "--jobs"),
     (["--seeds", "1,1"], "--seeds"),
+    # init's own checks: they ran in the first run, after -o was written
+    (["--seeds", "1,-1"], "--seed -1"),
+    (["--device", "tpu"], "--device"),
+    (["--alpha", "-1"], "--alpha"),
+    (["--svd", "exact"], "--svd"),
+    (["--method-option", "lora:niter=-1"], "--niter"),
+    (["--methods", "lora,hra", "--alpha", "8"], "--alpha does not apply to hra"),
 ])
 def test_bad_input_refused_before_training(tiny_llama, data, tmp_path, extra, message):
     out = tmp_path / "bad"
@@ -324,18 +331,38 @@ def test_shared_svd_computes_once_and_equals_the_plain_svd(monkeypatch):
     assert len(calls) == 3 + 1 + 3  # the reference above, and outside the block nothing is kept
 
 
-@pytest.mark.parametrize("which", ["--data", "--eval-data"])
+@pytest.mark.parametrize("which", ["--data", "--eval-data", "--test-data"])
 def test_a_bad_data_row_is_refused_before_the_folder_exists(tiny_llama, data, tmp_path, which):
     """The rows are checked before -o is created: after fixing the file, the same -o works (it
-    used to fail inside the first run, leaving -o behind and --resume refusing the changed file)."""
+    used to fail inside the first run, leaving -o behind and --resume refusing the changed file;
+    a bad --test-data row failed after the first run had trained)."""
     bad = tmp_path / "bad.jsonl"
     good = (data / "train.jsonl").read_text().splitlines()
     bad.write_text("\n".join(good[:2] + ['{"prompt": "a"}'] + good[2:]) + "\n")
-    files = {"--data": str(data / "train.jsonl"), "--eval-data": str(data / "valid.jsonl")}
+    files = {"--data": str(data / "train.jsonl"), "--eval-data": str(data / "valid.jsonl"),
+             "--test-data": str(data / "test.jsonl")}
     files[which] = str(bad)
     out = tmp_path / "c"
-    code, _, err = run_cli(["compare", str(tiny_llama), "--data", files["--data"], "--eval-data",
-                            files["--eval-data"], "--methods", "lora", "--steps", "1", "-o",
-                            str(out)])
+    code, _, err = run_cli(["compare", str(tiny_llama), *(x for k, v in files.items()
+                                                          for x in (k, v)),
+                            "--methods", "lora", "--steps", "1", "-o", str(out)])
     assert code == 1 and err.startswith(f"error: {bad}:3: has 'prompt' but no 'completion'"), err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_runs_train_on_the_device_compare_loaded_the_base_on(tiny_llama, data, tmp_path,
+                                                            monkeypatch):
+    """--device reaches train as well as init and eval: the base is loaded once on --device and the
+    runs train it there (train used its own default, auto, so on a GPU machine --device cpu put
+    the batches on the GPU and the model on the CPU)."""
+    from adaptedit import train as training
+    from adaptedit.compare import compare
+
+    seen = []
+    real = training.prepare
+    monkeypatch.setattr(training, "prepare",
+                        lambda folder, cfg, **kw: seen.append(cfg.device) or real(folder, cfg, **kw))
+    compare(CompareOptions(data=str(data / "train.jsonl"), eval_data=str(data / "valid.jsonl"),
+                           model=str(tiny_llama), methods=["lora"], steps=1, batch_size=4,
+                           device="cpu"), out=tmp_path / "c")
+    assert seen == ["cpu"]

@@ -173,6 +173,10 @@ def test_cli_json_answers_retain_and_errors(trained, tmp_path):
     assert code == 1 and "none.jsonl" in err and "no such file" in err
     code, _, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--limit", "0"])
     assert code == 2 and "--limit" in err
+    code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--no-generate",
+                              "--max-new-tokens", "3"])  # refused, not silently ignored
+    assert code == 2 and err.startswith("error: --max-new-tokens") and not out
+    assert len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["eval", resolve_ref(d), "--base", "x/y", "--data", str(pc)])
     assert code == 2 and "--base" in err
 
@@ -225,3 +229,60 @@ def test_peft_lora_on_untied_head_evaluates_like_peft_merge(tmp_path):
     ref = evaluate(str(tmp_path / "merged"), data, opts)
     base_loss = evaluate(str(base), data, opts)["loss"]
     assert abs(got["loss"] - ref["loss"]) <= 1e-5 and abs(got["loss"] - base_loss) > 1e-3
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_generation_stops_where_train_ends_an_answer(tiny_llama, chat):
+    """Generation stops at the token train puts after an answer even when the model's EOS is
+    another one (a base model with a chat template, e.g. Qwen2.5: EOS <|endoftext|>, turns end with
+    <|im_end|>): for chat rows the template's end-of-turn token, for prompt/completion rows the
+    tokenizer's EOS. The model is scripted to say "42", that token, then "\\n9...": before, the
+    generation ran on ("42\\n9999", last number 9: scored wrong)."""
+    from adaptedit.evaluate import Item, generate
+
+    src = resolve(str(tiny_llama))
+    model, tok = src.load(dtype=torch.float32), src.tokenizer()
+    unk = tok.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config.eos_token_id = unk  # the model's EOS is not the answer's end
+    if chat:
+        tok.eos_token = "<|endoftext|>"  # the tokenizer's neither: only the template's turn end
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    four, two = tok("42", add_special_tokens=False)["input_ids"]
+    newline, nine = tok("\n9", add_special_tokens=False)["input_ids"]
+    script = [four, two, end, newline, nine]
+    calls = []
+
+    def force(module, args, out):  # the next token is the script's, whatever the input
+        k = min(len(calls), len(script) - 1)
+        calls.append(k)
+        forced = torch.full_like(out, -1e4)
+        forced[..., -1, script[k]] = 1e4
+        return forced
+
+    model.get_output_embeddings().register_forward_hook(force)
+    if chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": "What is 40 plus 2?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    else:
+        prompt = "What is 40 plus 2?"
+    [text] = generate(model, tok, [Item(prompt, "42", not chat)], 8, torch.device("cpu"))
+    assert text == "42" and score(text, "42") == (True, False)
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "Q: x?", "completion": " y", "answer": ""},   # e.g. an empty CSV answer cell
+    {"prompt": "Q: x?", "completion": " so ####"},
+    {"messages": [{"role": "user", "content": "x?"}, {"role": "assistant", "content": " "}]},
+])
+def test_an_empty_reference_answer_is_refused(trained, tmp_path, row):
+    """An empty reference was scored, and matched an empty generation (a model that stops at once
+    had 100% on such rows); now it is one line naming file and line."""
+    d, _ = trained
+    f = tmp_path / "e.jsonl"
+    good = {k: v for k, v in row.items() if k != "answer"} if "answer" in row else \
+        {"prompt": "Q: 1+1?", "completion": " 2"} if "prompt" in row else rows(1, 0)[0]
+    f.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    assert score("", extract_answer(row.get("answer", "####"))) == (True, False)  # why it matters
+    code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(f), "--max-new-tokens", "2"])
+    assert code == 1 and err.startswith(f"error: {f}:2: the reference answer is empty"), err
+    assert len(err.strip().splitlines()) == 1

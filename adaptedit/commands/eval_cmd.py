@@ -21,7 +21,7 @@ def eval_(
     data: Path = typer.Option(..., "--data", "-d", help="Held-out file (JSONL/JSON/CSV/Parquet; the formats and masking of train)."),
     base: str = typer.Option(None, "--base", "-b", help="Base model of an adapter (default: the one it records)."),
     retain_data: Path = typer.Option(None, "--retain-data", help="General-text file: its loss too, to measure forgetting."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest greedy generation per row."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Longest greedy generation per row (default 64)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass / generation batch."),
     limit: int = typer.Option(None, "--limit", help="Evaluate the first N rows only."),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Exact match by greedy generation (--no-generate: loss only)."),
@@ -40,7 +40,11 @@ def eval_(
     console.configure(quiet=quiet, json_mode=json_)
     if show < 0:
         raise UsageError("--show must be ≥ 0")
-    opts = EvalOptions(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
+    if max_new_tokens is not None and not generate:
+        raise UsageError("--max-new-tokens applies to generation, which --no-generate turns off; "
+                         "drop one of them")
+    opts = EvalOptions(max_new_tokens=64 if max_new_tokens is None else max_new_tokens,
+                       batch_size=batch_size, limit=limit,
                        generate=generate, max_length=max_length, device=device, dtype=dtype)
     opts.validate()
     names = {"loss": "loss", "retain": "retain loss", "generate": "generating"}
