@@ -29,7 +29,7 @@ import torch
 
 from adaptedit import compare_budget as budget
 from adaptedit import methods
-from adaptedit.atomic import check_output
+from adaptedit.atomic import check_output, replace_file
 from adaptedit.compare_budget import match_params, trainable_count  # noqa: F401  (public here)
 from adaptedit.errors import AdapteditError, UsageError
 from adaptedit.init import InitOptions
@@ -169,6 +169,13 @@ def _option_value(text: str, default):
         else number
 
 
+def lr_text(lr: float) -> str:
+    """A learning rate in a run id: 6 significant digits (2e-05), or every digit it needs to stay
+    distinct (1.0000001e-4 and 1e-4 are two runs, not one id counted twice)."""
+    short = f"{lr:g}"
+    return short if float(short) == lr else repr(lr)
+
+
 def parse_floats(text: str, name: str) -> list:
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
@@ -283,7 +290,7 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
                                     "fixed (no rank)" if not method.RANKED else "rank given"}
         for lr in lrs:
             for seed in opts.seeds:
-                run_id = f"{spec}_lr{lr:g}_seed{seed}"
+                run_id = f"{spec}_lr{lr_text(lr)}_seed{seed}"
                 train_kw = {k: v for k, v in {**base_train, "lr": lr, "seed": seed}.items()
                             if v is not None and k not in ("device",)}
                 runs.append(RunSpec(run_id, spec, seed, lr, {**init_kw, "seed": seed}, train_kw))
@@ -381,7 +388,7 @@ def compare(opts: CompareOptions, *, out: Path, resume: bool = False, progress=N
     except OSError as e:
         raise AdapteditError(f"-o {out}: cannot create ({e.strerror or e})") from None
     if not resume:
-        (out / SETTINGS).write_text(json.dumps(record, indent=2) + "\n")
+        replace_file(out, SETTINGS, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     done = {r["run"]: r for r in read_results(out)}
     todo = [r for r in runs if r.id not in done]
     tell("plan", {"runs": runs, "done": len(done), "todo": len(todo), "methods": info})
@@ -391,7 +398,7 @@ def compare(opts: CompareOptions, *, out: Path, resume: bool = False, progress=N
     results = [done[r.id] for r in runs if r.id in done]
     summary = compare_stats.summarize(results, [methods.spec_name(*methods.parse_spec(s))
                                                 for s in opts.methods], info, opts)
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    replace_file(out, SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
     files = compare_report.write_all(out, results, summary)
     tell("report", {"files": files})
     return CompareResults(out, results, summary, files)

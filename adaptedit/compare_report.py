@@ -14,6 +14,7 @@ import html
 import math
 from pathlib import Path
 
+from adaptedit.atomic import replace_file
 from adaptedit.compare_stats import mean_std, t_quantile
 
 PLOTS = ("loss_curves.png", "eval_loss.png", "final_metric.png", "geometry.png")
@@ -32,6 +33,15 @@ def pm(ms: dict, spec=".4f", scale=1.0) -> str:
         return "–"
     sd = ms.get("std")
     return fmt(ms["mean"] * scale, spec) + ("" if sd is None else " ± " + fmt(sd * scale, spec))
+
+
+def grid_loss(g: dict) -> str:
+    """A grid cell: mean ± std over the seeds that finished, and how many diverged."""
+    bad = len(g.get("diverged_seeds") or ())
+    if not bad:
+        return pm(g["final_eval_loss"])
+    return f"diverged on {bad} of {len(g['seeds'])} seeds" + (
+        f" (others {pm(g['final_eval_loss'])})" if g["final_eval_loss"]["n"] else "")
 
 
 def diff_text(d: dict | None) -> str:
@@ -178,10 +188,12 @@ def markdown(results: list, summary: dict, images: list) -> str:
              "(mean ± std over seeds); the last column is the paired difference of the final "
              f"eval loss to {first} with its 95% interval (\"within seed noise\" when it "
              "contains 0).", "", markdown_table(COLUMNS, table_rows(summary)), "",
+             *[f"**{spec}: no result**: {why} (try lower --lrs).\n" for spec, why
+               in (summary.get("diverged") or {}).items()],
              "## Learning-rate grid (final eval loss, mean ± std over seeds)", "",
              markdown_table(("method", "lr", "seeds", "final eval loss"),
-                            [[g["method"], f"{g['lr']:g}", len(g["seeds"]),
-                              pm(g["final_eval_loss"])] for g in summary["grid"]]), "",
+                            [[g["method"], f"{g['lr']:g}", len(g["seeds"]), grid_loss(g)]
+                             for g in summary["grid"]]), "",
              f"## Paired differences to {first} (each at its best lr)", ""]
     rows = []
     for spec, m in summary["methods"].items():
@@ -241,7 +253,8 @@ def write_all(folder: Path, results: list, summary: dict) -> dict:
     folder = Path(folder)
     images = plots(folder, results, summary) if results else []
     md_text = markdown(results, summary, images)
-    (folder / "report.md").write_text(md_text)
-    (folder / "report.html").write_text(to_html(md_text, folder, images))
+    page = to_html(md_text, folder, images)
+    replace_file(folder, "report.md", lambda p: p.write_text(md_text))
+    replace_file(folder, "report.html", lambda p: p.write_text(page))
     names = ["results.jsonl", "summary.json", "report.md", "report.html", *images]
     return {n: str(folder / n) for n in names}

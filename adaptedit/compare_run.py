@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from adaptedit import compare
+from adaptedit.atomic import replace_file
 from adaptedit.errors import AdapteditError
 
 
@@ -132,21 +133,26 @@ class Runner:
         else:
             adapter = build(self.source, InitOptions(**spec.init))
             save_adapter(adapter, folder, force=False)  # exactly `adaptedit init -o FOLDER`
+        diverged = None
         if not finished:
             run = training.prepare(folder, cfg, given=given, resume=resume, tokenizer=self.tokenizer)
             try:
                 training.train(run, _Steps(self.tell, spec.id), model=model)
+            except training.Diverged as e:  # a result of the grid, not a failure of the compare
+                diverged = str(e).split(";")[0]
             finally:
                 detach(model)
         adapter = load_adapter(folder)
         params, _ = parameter_counts(self.source, adapter)
+        metrics = [json.loads(x) for x in (folder / METRICS).read_text().splitlines() if x]
+        if diverged is not None:
+            return self._diverged(spec, folder, diverged, metrics, params, adapter, t0)
         attach(model, adapter)
         try:
             model.eval()
             test, retain = self._evaluate(model, folder)
         finally:
             detach(model)
-        metrics = [json.loads(x) for x in (folder / METRICS).read_text().splitlines() if x]
         train_loss = [[m["step"], m["loss"]] for m in metrics if "loss" in m]
         eval_loss = [[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m]
         step_s = [m["step_s"] for m in metrics if "step_s" in m]
@@ -164,9 +170,26 @@ class Runner:
                "tok_s": sum(tok_s) / len(tok_s) if tok_s else None,
                "peak_mem_mb": max((m.get("peak_mem_mb", 0) for m in metrics), default=None),
                "commands": spec.commands(self.source.ref, folder)}
-        if rec["final_eval_loss"] is None or not math.isfinite(rec["final_eval_loss"]):
-            raise AdapteditError(f"run {spec.id}: no finite eval loss; see {folder / METRICS}")
+        if rec["final_eval_loss"] is None:
+            raise AdapteditError(f"run {spec.id}: no eval loss; see {folder / METRICS}")
+        if not math.isfinite(rec["final_eval_loss"]):
+            return self._diverged(spec, folder, f"eval loss is {rec['final_eval_loss']}", metrics,
+                                  params, adapter, t0)
         return rec
+
+    def _diverged(self, spec, folder: Path, why: str, metrics: list, params: int, adapter,
+                  t0: float) -> dict:
+        """The record of a run whose loss became non-finite: kept in results.jsonl (so --resume
+        does not redo it) and left out of the best-lr choice and the statistics."""
+        return {"run": spec.id, "method": spec.method, "seed": spec.seed, "lr": spec.lr,
+                "rank": spec.init["rank"], "alpha": adapter.config.alpha, "params": params,
+                "path": str(folder), "diverged": why,
+                "train_loss": [[m["step"], m["loss"]] for m in metrics
+                               if isinstance(m.get("loss"), (int, float)) and math.isfinite(m["loss"])],
+                "eval_loss": [[m["step"], m["eval_loss"]] for m in metrics if "eval_loss" in m],
+                "final_eval_loss": None, "test": None, "retain_loss": None, "forgetting": None,
+                "geometry": None, "seconds": round(time.perf_counter() - t0, 3),
+                "commands": spec.commands(self.source.ref, folder)}
 
     def _evaluate(self, model, folder: Path):
         from adaptedit.evaluate import EvalOptions, evaluate_model
@@ -179,8 +202,8 @@ class Runner:
                                              batch_size=o.batch_size, limit=o.test_limit,
                                              max_length=o.max_length))
             gens = res.pop("generations")
-            with open(folder / "test_generations.jsonl", "w") as f:
-                f.writelines(json.dumps(g) + "\n" for g in gens)
+            replace_file(folder, "test_generations.jsonl",
+                         lambda p: p.write_text("".join(json.dumps(g) + "\n" for g in gens)))
             test = res
         retain = self._retain_loss(model) if o.retain_data else None
         return test, retain
@@ -201,7 +224,8 @@ class Runner:
                 self._base_retain = json.loads(path.read_text())["retain_loss"]
             else:
                 self._base_retain = self._retain_loss(self.load())
-                path.write_text(json.dumps({"retain_loss": self._base_retain}) + "\n")
+                text = json.dumps({"retain_loss": self._base_retain}) + "\n"
+                replace_file(self.out, path.name, lambda p: p.write_text(text))
         return self._base_retain
 
     def geometry(self, folder: Path) -> dict:
@@ -216,7 +240,7 @@ class Runner:
                                    "intruders", "fro", "rel", "delta_m", "delta_d")}
         g.update(corr_md=corr["pooled"], corr_md_mean=corr["mean"], verdict=rep["verdict"],
                  md_points=[[p["delta_d"], p["delta_m"]] for p in last])
-        (folder / "inspect.json").write_text(json.dumps(rep) + "\n")
+        replace_file(folder, "inspect.json", lambda p: p.write_text(json.dumps(rep) + "\n"))
         return g
 
 
@@ -251,7 +275,8 @@ def read_results(folder: Path) -> list:
         except json.JSONDecodeError:
             continue
     if len(good) != len([ln for ln in lines if ln.strip()]):
-        path.write_text("".join(json.dumps(r) + "\n" for r in good))
+        replace_file(folder, compare.RESULTS,
+                     lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in good)))
     return good
 
 

@@ -131,12 +131,18 @@ def summarize(results: list, specs: list, info: dict, opts) -> dict:
     by = {}
     for r in results:
         by.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r)
-    grid, methods_out = [], {}
+    grid, methods_out, diverged = [], {}, {}
     for spec in specs:
         lrs = by.get(spec, {})
         for lr, runs in sorted(lrs.items()):
             grid.append({"method": spec, "lr": lr, "seeds": [r["seed"] for r in runs],
+                         "diverged_seeds": [r["seed"] for r in runs if r.get("diverged")],
                          "final_eval_loss": mean_std([r["final_eval_loss"] for r in runs])})
+        # a learning rate that diverged on any seed is not a candidate: its mean over the seeds
+        # that survived would favour an unstable setting
+        lrs = {lr: runs for lr, runs in lrs.items() if not any(r.get("diverged") for r in runs)}
+        if by.get(spec) and not lrs:
+            diverged[spec] = "every learning rate diverged on at least one seed"
         if not lrs:
             continue
         best = min(lrs, key=lambda lr: (mean_std([r["final_eval_loss"]
@@ -160,7 +166,8 @@ def summarize(results: list, specs: list, info: dict, opts) -> dict:
     return {"schema": "adaptedit.compare.summary", "first_method": first,
             "best_lr_on": "final eval loss (mean over seeds) on --eval-data",
             "interval": "95% Student-t interval of the paired difference over seeds",
-            "methods": methods_out, "grid": grid, "table": table(methods_out, first)}
+            "methods": methods_out, "grid": grid, "diverged": diverged,
+            "table": table(methods_out, first)}
 
 
 def table(methods_out: dict, first) -> list:

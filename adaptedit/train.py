@@ -48,6 +48,14 @@ class Interrupted(Exception):
         self.step, self.path = step, path
 
 
+class Diverged(AdapteditError):
+    """The loss or the gradient norm became non-finite at ``step`` (the message says what to try)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 # ------------------------------------------------------------------------------------ the loop
 
 
@@ -229,11 +237,11 @@ class _Loop:
         last = self.history["last_saved"]
         kept = (f"the adapter folder holds step {last} (the last checkpoint)") if last else \
             "the adapter folder is unchanged (no checkpoint was written yet)"
-        raise AdapteditError(
+        raise Diverged(
             f"{what} is {value} at step {self.step + 1} (lr {lr:.3g}); stopped, {kept}. Try a "
             "lower --lr" + (", --max-grad-norm 1.0" if not cfg.max_grad_norm else "")
             + (", or --dtype fp32" if run.dtype != torch.float32 else "")
-            + (" or --warmup 0.1" if not run.warmup_steps else ""))
+            + (" or --warmup 0.1" if not run.warmup_steps else ""), self.step + 1)
 
     def evaluate(self) -> float | None:
         """Mean loss per trained token over the eval data (shared out over the processes)."""

@@ -366,3 +366,46 @@ def test_runs_train_on_the_device_compare_loaded_the_base_on(tiny_llama, data, t
                            model=str(tiny_llama), methods=["lora"], steps=1, batch_size=4,
                            device="cpu"), out=tmp_path / "c")
     assert seen == ["cpu"]
+
+
+def test_learning_rates_equal_to_6_digits_are_two_runs(tiny_llama, data):
+    """Run ids printed lr with :g, so 1e-4 and 1.0000001e-4 shared one id (one folder, and the
+    first run's record counted for both); each id now names its learning rate exactly."""
+    from adaptedit.compare import lr_text, plan
+    from adaptedit.models import resolve
+
+    lrs = [1e-4, 1.0000001e-4, 2e-5, 3e-4]
+    runs, _ = plan(CompareOptions(data=str(data / "train.jsonl"), eval_data=str(data / "valid.jsonl"),
+                                  model=str(tiny_llama), methods=["lora"], lrs=lrs, seeds=[0, 1],
+                                  steps=1), resolve(str(tiny_llama)))
+    ids = [r.id for r in runs]
+    assert len(set(ids)) == len(ids) == 8
+    assert [lr_text(x) for x in lrs] == ["0.0001", "0.00010000001", "2e-05", "0.0003"]
+    assert all(float(lr_text(x)) == x for x in lrs)
+
+
+def test_a_diverged_learning_rate_is_a_result_not_an_abort(tiny_llama, data, tmp_path):
+    """An lr whose loss becomes non-finite is recorded as diverged (kept in results.jsonl, so
+    --resume does not redo it), is never chosen as the best lr, and a method with no stable lr has
+    no result; one such lr aborted the whole comparison, and --resume could not get past it."""
+    from adaptedit.compare import compare
+
+    opts = CompareOptions(data=str(data / "train.jsonl"), eval_data=str(data / "valid.jsonl"),
+                          model=str(tiny_llama), methods=["lora", "pissa"], lrs=[1e-3, 1e30],
+                          seeds=[0, 1], steps=3, batch_size=4, device="cpu",
+                          method_options=["pissa:lr=1e30"])
+    compare(opts, out=tmp_path / "c")
+    results = [json.loads(x) for x in (tmp_path / "c" / "results.jsonl").read_text().splitlines()]
+    bad = {r["run"]: r["diverged"] for r in results if r.get("diverged")}
+    assert sorted(bad) == ["lora_lr1e+30_seed0", "lora_lr1e+30_seed1",
+                           "pissa_lr1e+30_seed0", "pissa_lr1e+30_seed1"]
+    assert all(re.match(r"(loss|gradient norm) is (nan|inf)", why) for why in bad.values()), bad
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["methods"]["lora"]["best_lr"] == 1e-3
+    assert list(summary["methods"]) == ["lora"] and "pissa" in summary["diverged"]
+    grid = {(g["method"], g["lr"]): g for g in summary["grid"]}
+    assert grid["lora", 1e30]["diverged_seeds"] == [0, 1] and grid["lora", 1e-3]["diverged_seeds"] == []
+    report = (tmp_path / "c" / "report.md").read_text()
+    assert "diverged on 2 of 2 seeds" in report and "**pissa: no result**" in report
+    compare(opts, out=tmp_path / "c", resume=True)  # nothing to redo
+    assert len((tmp_path / "c" / "results.jsonl").read_text().splitlines()) == len(results)

@@ -162,7 +162,8 @@ class LiveTable:
             self.done += 1
             self.finished_s.append(info["record"]["seconds"])
             r = info["record"]
-            self.step = f"eval {r['final_eval_loss']:.4f}"
+            self.step = (f"diverged ({r['diverged']})" if r.get("diverged")
+                         else f"eval {r['final_eval_loss']:.4f}")
         else:
             return
         self.last = time.perf_counter()
