@@ -115,6 +115,11 @@ def paired(a: dict, b: dict, lower_is_better: bool | None) -> dict:
                 "verdict": "too few seeds for an interval"}
     m = sum(d) / n
     sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
+    if sd == 0:  # the same difference on every seed (e.g. exact match on few rows): the t-interval
+        # is [m, m], which would read as certainty; there is no spread to build an interval from
+        return {"n": n, "mean": m, "low": None, "high": None, "std": 0.0,
+                "verdict": "no difference on any seed" if m == 0 else
+                "the same difference on every seed: no interval"}
     half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
     lo, hi = m - half, m + half
     if lo <= 0 <= hi:

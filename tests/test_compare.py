@@ -271,6 +271,13 @@ def test_paired_interval_by_hand():
     assert compare_stats.paired({1: 1.0}, {1: 2.0}, True)["low"] is None  # one seed: no interval
     # only shared seeds are paired
     assert compare_stats.paired({1: 1.0, 2: 2.0, 9: 50.0}, {1: 0.0, 2: 1.0, 7: 0.0}, True)["n"] == 2
+    # the same difference on every seed (exact match 31/40 vs 30/40 twice): the t-interval would be
+    # [d, d], "better" with certainty from two seeds; there is no interval without spread
+    p = compare_stats.paired({1: 31 / 40, 2: 31 / 40}, {1: 30 / 40, 2: 30 / 40}, False)
+    assert p["low"] is None and p["std"] == 0 and p["mean"] == pytest.approx(1 / 40)
+    assert p["verdict"] == "the same difference on every seed: no interval"
+    assert compare_stats.paired({1: 0.5, 2: 0.5}, {1: 0.5, 2: 0.5}, True)["verdict"] == \
+        "no difference on any seed"
 
 
 def test_best_lr_is_chosen_on_eval_never_test():

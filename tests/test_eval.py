@@ -177,6 +177,8 @@ def test_cli_json_answers_retain_and_errors(trained, tmp_path):
                               "--max-new-tokens", "3"])  # refused, not silently ignored
     assert code == 2 and err.startswith("error: --max-new-tokens") and not out
     assert len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--json", "--show", "1"])
+    assert code == 2 and err.startswith("error: --show") and not out  # JSON has them all
     code, _, err = run_cli(["eval", resolve_ref(d), "--base", "x/y", "--data", str(pc)])
     assert code == 2 and "--base" in err
 

@@ -28,7 +28,7 @@ def eval_(
     max_length: int = typer.Option(None, "--max-length", help="Truncate examples to this many tokens (default: train's, 1024)."),
     device: str = DEVICE,
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16/fp16 on GPU) | bf16 | fp16 | fp32."),
-    show: int = typer.Option(3, "--show", help="Print this many generations with their answers (0: none)."),
+    show: int = typer.Option(None, "--show", help="Print this many generations with their answers (0: none; default 3; --json has them all)."),
     json_: bool = JSON,
     quiet: bool = QUIET,
     trust_remote_code: bool = TRUST,
@@ -38,8 +38,12 @@ def eval_(
     from adaptedit.evaluate import EvalOptions, evaluate
 
     console.configure(quiet=quiet, json_mode=json_)
-    if show < 0:
+    if show is not None and show < 0:
         raise UsageError("--show must be ≥ 0")
+    if show is not None and json_:
+        raise UsageError("--show picks the generations printed with the table; --json prints them "
+                         "all (its 'generations'): drop one of them")
+    show = 3 if show is None else show
     if max_new_tokens is not None and not generate:
         raise UsageError("--max-new-tokens applies to generation, which --no-generate turns off; "
                          "drop one of them")
