@@ -70,6 +70,7 @@ class CompareOptions:
     method_options: list = field(default_factory=list)  # "METHOD:KEY=VALUE"
     max_new_tokens: int = 16
     test_limit: int | None = None
+    chat_template: str | None = None  # Jinja file for 'messages' rows (train's and eval's)
     device: str = "auto"
     dtype: str = "auto"
     jobs: int = 1
@@ -251,7 +252,8 @@ def plan(opts: CompareOptions, source) -> tuple[list, dict]:
                       epochs=opts.epochs, batch_size=opts.batch_size, max_length=opts.max_length,
                       lr_schedule=opts.lr_schedule, warmup=opts.warmup, eval_every=opts.eval_every,
                       save_every=opts.save_every if opts.save_every is not None
-                      else (opts.eval_every or None), device=opts.device, dtype=opts.dtype)
+                      else (opts.eval_every or None), device=opts.device, dtype=opts.dtype,
+                      chat_template=opts.chat_template)
     make_config({**base_train, "lr": 1.0, "seed": 0})  # train's own checks, before any run
     info, runs, target, first = {}, [], None, None
     for spec in specs:
@@ -301,11 +303,11 @@ def settings_record(opts: CompareOptions, info: dict, runs: list) -> dict:
     from adaptedit.rows import sha256_file
 
     s = asdict(opts)
-    for k in ("data", "eval_data", "test_data", "retain_data"):
+    files = ("data", "eval_data", "test_data", "retain_data", "chat_template")
+    for k in files:
         if s[k]:
             s[k] = str(Path(s[k]).expanduser().absolute())
-    hashes = {k: sha256_file(Path(s[k])) for k in ("data", "eval_data", "test_data", "retain_data")
-              if s[k]}
+    hashes = {k: sha256_file(Path(s[k])) for k in files if s[k]}
     return {"schema": SCHEMA, "settings": s, "sha256": hashes, "methods": info,
             "runs": [r.id for r in runs]}
 
@@ -345,13 +347,23 @@ class CompareResults:
         return self.summary["table"]
 
 
+def run_tokenizer(opts: CompareOptions, source):
+    """The base's tokenizer as every run uses it (with --chat-template when given)."""
+    from adaptedit import data
+
+    tokenizer = source.tokenizer()
+    if opts.chat_template:
+        data.set_chat_template(tokenizer, Path(opts.chat_template))
+    return tokenizer
+
+
 def check_data(opts: CompareOptions, source) -> None:
     """Read and tokenize the training, eval, retain and test files as every run will (their first
     bad row or missing file is an error now, not when the first run starts or has trained)."""
     from adaptedit import data
     from adaptedit.evaluate import items
 
-    tokenizer = source.tokenizer()
+    tokenizer = run_tokenizer(opts, source)
     for path in (opts.data, opts.eval_data, opts.retain_data):
         if path:
             data.load(Path(path), tokenizer, max_length=opts.max_length)
@@ -375,6 +387,7 @@ def compare(opts: CompareOptions, *, out: Path, resume: bool = False, progress=N
     runs, info = plan(opts, source)
     record = settings_record(opts, info, runs)
     check_output(out, True, inputs=[opts.data, opts.eval_data, opts.test_data, opts.retain_data,
+                                    opts.chat_template,
                                     *model_inputs(source)])  # never an input, even on --resume
     if resume:
         check_resume(out, record)

@@ -50,7 +50,7 @@ class Runner:
         self.opts, self.source, self.out, self.tell = opts, source, Path(out), tell
         self.device = pick_device(opts.device, Dist())
         self.dtype = pick_dtype(opts.dtype, self.device)
-        self.tokenizer = source.tokenizer()
+        self.tokenizer = compare.run_tokenizer(opts, source)
         self.model = None
         self._base_retain = None
 

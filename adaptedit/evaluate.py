@@ -47,6 +47,8 @@ class EvalOptions:
     max_length: int | None = None  # None: train's default (TrainConfig.max_length)
     device: str = "auto"
     dtype: str = "auto"
+    chat_template: str | None = None  # Jinja file for 'messages' rows (train's --chat-template)
+    mask_prompt: bool = True  # the loss over completions / assistant turns only (train's default)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -287,7 +289,8 @@ def evaluate_model(model, tokenizer, data: Path, opts: EvalOptions, *, progress=
     device = _device_of(model)
     dtype = next(model.parameters()).dtype
     # --limit: the first rows, the same ones generation scores (not the first trainable examples)
-    tokenized = load_data(data, tokenizer, max_length=_max_length(opts), max_rows=opts.limit)
+    tokenized = load_data(data, tokenizer, max_length=_max_length(opts), max_rows=opts.limit,
+                          mask_prompt=opts.mask_prompt)
     tell = progress or (lambda *a: None)
     tell("loss", 0, len(tokenized))
     s, n = loss_totals(model, tokenized, opts.batch_size, device, dtype)
@@ -373,6 +376,10 @@ def evaluate(ref: str, data: Path, opts: EvalOptions | None = None, *, base: str
     model, tokenizer, model_ref, adapter = load(ref, base=base, device=opts.device,
                                                 dtype=opts.dtype,
                                                 trust_remote_code=trust_remote_code)
+    if opts.chat_template:
+        from adaptedit.data import set_chat_template
+
+        set_chat_template(tokenizer, Path(opts.chat_template))
     result = evaluate_model(model, tokenizer, data, opts, progress=progress,
                             retain_data=retain_data)
     result.update(model=model_ref, adapter=adapter,

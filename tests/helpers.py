@@ -146,3 +146,9 @@ def init_is_identity(base: Path, dtype: torch.dtype, **kw) -> None:
     ref = logits(resolve(str(base)).load(dtype=dtype))
     got = logits(attach(resolve(str(base)).load(dtype=dtype), ad))
     assert got.dtype == ref.dtype and torch.equal(ref, got), kw
+
+
+# A chat template unlike the fixtures' ChatML: "### role:" headers, the EOS after each answer
+PLAIN_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}"
+                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+                  "{% if add_generation_prompt %}### assistant:\n{% endif %}")

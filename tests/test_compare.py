@@ -416,3 +416,28 @@ def test_a_diverged_learning_rate_is_a_result_not_an_abort(tiny_llama, data, tmp
     assert "diverged on 2 of 2 seeds" in report and "**pissa: no result**" in report
     compare(opts, out=tmp_path / "c", resume=True)  # nothing to redo
     assert len((tmp_path / "c" / "results.jsonl").read_text().splitlines()) == len(results)
+
+
+def test_chat_template_reaches_every_run(tiny_llama, data, tmp_path):
+    """compare --chat-template FILE: the runs train and are evaluated with it (final eval loss =
+    eval --chat-template of the run's adapter), and the recorded train command carries it."""
+    from helpers import PLAIN_TEMPLATE
+
+    from adaptedit.compare import compare
+    from adaptedit.evaluate import EvalOptions, evaluate
+
+    tpl = tmp_path / "plain.jinja"
+    tpl.write_text(PLAIN_TEMPLATE)
+    res = compare(CompareOptions(data=str(data / "train.jsonl"), eval_data=str(data / "valid.jsonl"),
+                                 model=str(tiny_llama), methods=["lora"], steps=2, batch_size=4,
+                                 lrs=[1e-2], device="cpu", chat_template=str(tpl)),
+                  out=tmp_path / "c")
+    (run,) = res.runs
+    assert f"--chat-template {tpl}" in run["commands"]["train"]
+    ours = evaluate(run["path"], data / "valid.jsonl", EvalOptions(generate=False,
+                                                                   chat_template=str(tpl)))
+    assert run["final_eval_loss"] == pytest.approx(ours["loss"], rel=1e-6)
+    other = evaluate(run["path"], data / "valid.jsonl", EvalOptions(generate=False))
+    assert abs(other["loss"] - ours["loss"]) > 1e-3
+    settings = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert settings["settings"]["chat_template"] == str(tpl) and "chat_template" in settings["sha256"]

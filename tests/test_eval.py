@@ -288,3 +288,44 @@ def test_an_empty_reference_answer_is_refused(trained, tmp_path, row):
     code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(f), "--max-new-tokens", "2"])
     assert code == 1 and err.startswith(f"error: {f}:2: the reference answer is empty"), err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_chat_template_as_train(trained, tmp_path):
+    """eval --chat-template FILE renders chat rows as train --chat-template does: the eval loss of
+    an adapter trained with a template equals train's eval loss with it (eval had no such option,
+    and its error told the user to pass one)."""
+    from helpers import PLAIN_TEMPLATE
+
+    d, _ = trained
+    tpl = tmp_path / "plain.jinja"
+    tpl.write_text(PLAIN_TEMPLATE)
+    cfg, given = make_config({"data": str(d / "train.jsonl"), "eval_data": str(d / "valid.jsonl"),
+                              "steps": 2, "batch_size": 4, "lr": 1e-2, "save_every": 0,
+                              "chat_template": str(tpl)})
+    summary = training.train(training.prepare(d / "ad", cfg, given=given, out=tmp_path / "ad"))
+    code, out, err = run_cli(["eval", str(tmp_path / "ad"), "--data", str(d / "valid.jsonl"),
+                              "--chat-template", str(tpl), "--no-generate", "--json", "--quiet"])
+    assert code == 0, err
+    with_tpl = json.loads(out)
+    assert with_tpl["loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
+    plain = evaluate(str(tmp_path / "ad"), d / "valid.jsonl", EvalOptions(generate=False))
+    assert abs(plain["loss"] - with_tpl["loss"]) > 1e-3  # the fixture's own template: other context
+    g = evaluate(str(tmp_path / "ad"), d / "valid.jsonl",
+                 EvalOptions(max_new_tokens=4, limit=2, chat_template=str(tpl)))
+    assert all(x["prompt"].endswith("### assistant:\n") for x in g["generations"])
+
+
+def test_no_mask_prompt_as_train(trained, tmp_path):
+    """eval --no-mask-prompt scores every token, as train --no-mask-prompt's eval loss does."""
+    d, _ = trained
+    cfg, given = make_config({"data": str(d / "train.jsonl"), "eval_data": str(d / "valid.jsonl"),
+                              "steps": 2, "batch_size": 4, "lr": 1e-2, "save_every": 0,
+                              "mask_prompt": False})
+    summary = training.train(training.prepare(d / "ad", cfg, given=given, out=tmp_path / "ad"))
+    code, out, err = run_cli(["eval", str(tmp_path / "ad"), "--data", str(d / "valid.jsonl"),
+                              "--no-mask-prompt", "--no-generate", "--json", "--quiet"])
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
+    masked = evaluate(str(tmp_path / "ad"), d / "valid.jsonl", EvalOptions(generate=False))
+    assert masked["tokens"] < r["tokens"]

@@ -54,6 +54,7 @@ def compare(
     svd: str = typer.Option("full", "--svd", help="SVD of PiSSA's init: full (exact, shared by all runs) | randomized | auto."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Longest generation for exact match on --test-data (default 16)."),
     test_limit: int = typer.Option(None, "--test-limit", help="Evaluate the first N test rows only."),
+    chat_template: str = typer.Option(None, "--chat-template", help="Jinja chat template file for 'messages' rows (training and evaluation)."),
     jobs: int = typer.Option(1, "--jobs", help="Runs at once, one per GPU (1 on CPU)."),
     device: str = DEVICE,
     dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp16 | fp32."),
@@ -78,7 +79,7 @@ def compare(
         eval_every=eval_every, save_every=save_every, lr_schedule=lr_schedule, warmup=warmup,
         targets=targets, svd=svd, budget=budget, method_options=list(method_option or []),
         max_new_tokens=16 if max_new_tokens is None else max_new_tokens, test_limit=test_limit, device=device, dtype=dtype,
-        jobs=jobs)
+        jobs=jobs, chat_template=chat_template)
     live = LiveTable(enabled=not (quiet or json_))
     try:
         result = run_compare(opts, out=out, resume=resume, progress=live,

@@ -28,6 +28,8 @@ def eval_(
     max_length: int = typer.Option(None, "--max-length", help="Truncate examples to this many tokens (default: train's, 1024)."),
     device: str = DEVICE,
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16/fp16 on GPU) | bf16 | fp16 | fp32."),
+    mask_prompt: bool = typer.Option(True, "--mask-prompt/--no-mask-prompt", help="Loss over completions / assistant turns only (default), or every token (as train's --no-mask-prompt)."),
+    chat_template: str = typer.Option(None, "--chat-template", help="Jinja chat template file for 'messages' rows (as train's)."),
     show: int = typer.Option(None, "--show", help="Print this many generations with their answers (0: none; default 3; --json has them all)."),
     json_: bool = JSON,
     quiet: bool = QUIET,
@@ -49,7 +51,8 @@ def eval_(
                          "drop one of them")
     opts = EvalOptions(max_new_tokens=64 if max_new_tokens is None else max_new_tokens,
                        batch_size=batch_size, limit=limit,
-                       generate=generate, max_length=max_length, device=device, dtype=dtype)
+                       generate=generate, max_length=max_length, device=device, dtype=dtype,
+                       chat_template=chat_template, mask_prompt=mask_prompt)
     opts.validate()
     names = {"loss": "loss", "retain": "retain loss", "generate": "generating"}
     with console.progress(transient=True) as bar:
