@@ -36,23 +36,29 @@ def trainable_count(targets, opts) -> int:
     matrix with the options its ``plan`` resolves."""
     from adaptedit.init import scaling_for
 
+    from adaptedit.targets import parse_pattern, pattern_value
+
     method = methods.resolve(opts.method, opts.dora)
     base = _options(method, opts)
-    if opts.rank is None or not method.RANKED:  # the method's own default sizes
+    pattern = parse_pattern(opts.rank_pattern) if method.RANKED else {}
+    if (opts.rank is None and not pattern) or not method.RANKED:  # the method's own default sizes
         default = method.DEFAULT_RANK
         ranks0 = {t.name: default for t in targets} if default is not None else {}
         ranks, options = method.plan(targets, ranks0, base, False)
-    else:
-        capped = {t.name: min(opts.rank, t.out_features, t.in_features) for t in targets}
+    else:  # --rank, and --rank-pattern's rank for the modules it matches (as init)
+        default = opts.rank if opts.rank is not None else method.DEFAULT_RANK
+        want = {t.name: int(pattern_value(t.name, pattern, default)) for t in targets}
+        capped = {t.name: min(want[t.name], t.out_features, t.in_features) for t in targets}
         try:  # the method's own rank rule first (VeRA: one rank, not bounded by the shapes)
-            ranks, options = method.plan(targets, {t.name: opts.rank for t in targets}, base, True)
+            ranks, options = method.plan(targets, want, base, True)
         except AdapteditError:
             ranks, options = method.plan(targets, capped, base, True)
     groups: dict = {}
     for t in targets:
-        groups.setdefault((t.out_features, t.in_features, t.module_type), []).append(t)
+        groups.setdefault((t.out_features, t.in_features, t.module_type, ranks.get(t.name)),
+                          []).append(t)
     total = 0
-    for (o, i, _), members in groups.items():
+    for (o, i, _, _), members in groups.items():
         rank = ranks[members[0].name]
         alpha = opts.alpha if opts.alpha is not None else method.default_alpha(rank)
         scaling = scaling_for(alpha, rank, opts.rslora) if method.SCALED else 1.0

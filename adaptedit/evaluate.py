@@ -371,6 +371,9 @@ def evaluate(ref: str, data: Path, opts: EvalOptions | None = None, *, base: str
     opts = opts or EvalOptions()
     opts.validate()
     for name, p in (("--data", data), ("--retain-data", retain_data)):
+        if p is not None and Path(p).is_dir():
+            raise AdapteditError(f"{name} {p}: a folder; give a data file (.jsonl, .json, .csv "
+                                 "or .parquet)")
         if p is not None and not Path(p).is_file():
             raise AdapteditError(f"{name} {p}: no such file")
     model, tokenizer, model_ref, adapter = load(ref, base=base, device=opts.device,

@@ -161,3 +161,13 @@ def test_matched_method_is_not_refused_for_the_shared_rank(tiny_llama, data):
                                            "svft:svft_off_diagonals=3"]), source)
     assert info["lora"]["rank"] == 1 and info["svft"]["rank"] > 3
     assert abs(info["svft"]["budget"]["ratio"] - 1) <= compare_budget.TOLERANCE
+
+
+@pytest.mark.parametrize("rank,pattern", [(8, "q_proj=2"), (None, "layers.0=4,v_proj=12")])
+def test_the_count_follows_the_rank_pattern(tiny_llama, rank, pattern):
+    """trainable_count (what --budget params matches and checks) took one rank per module shape,
+    ignoring --rank-pattern; it now counts the adapter init builds with the pattern."""
+    source = resolve(str(tiny_llama))
+    o = InitOptions(method="lora", rank=rank, rank_pattern=pattern)
+    targets, _ = init_plan(source, o)
+    assert trainable_count(targets, o) == parameter_counts(source, build(source, o))[0]

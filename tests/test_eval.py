@@ -171,6 +171,9 @@ def test_cli_json_answers_retain_and_errors(trained, tmp_path):
     assert "--skip-bad-rows" not in err  # a flag of train's: eval has none to offer
     code, _, err = run_cli(["eval", str(d / "ad"), "--data", str(tmp_path / "none.jsonl")])
     assert code == 1 and "none.jsonl" in err and "no such file" in err
+    code, _, err = run_cli(["eval", str(d / "ad"), "--data", str(tmp_path)])
+    assert code == 1 and err == f"error: --data {tmp_path}: a folder; give a data file (.jsonl, " \
+        ".json, .csv or .parquet)\n", err
     code, _, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--limit", "0"])
     assert code == 2 and "--limit" in err
     code, out, err = run_cli(["eval", str(d / "ad"), "--data", str(pc), "--no-generate",
